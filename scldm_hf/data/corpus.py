@@ -1,0 +1,322 @@
+"""AnnData -> Hugging Face ``datasets``: one row per cell, sparse genes, ClassLabel covariates.
+
+Rows follow the table in docs/DESIGN.md (``cell_id``, ``gene_ids``, ``counts``, ``library_size``, covariates).
+Conversion streams row chunks of the count matrix (in memory, or backed straight from an ``.h5ad`` file) into Arrow
+record batches, so memory stays bounded by ``chunk_size`` whatever the number of cells.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from os import PathLike
+from pathlib import Path
+
+import anndata as ad
+import datasets
+import h5py
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+from datasets.utils.py_utils import convert_file_size_to_int
+
+from ..errors import ConditionError, ConfigurationError, InputDataError
+from ..validation import (
+    check_count_chunk,
+    check_covariate_columns,
+    check_matrix_dtype,
+    check_no_empty_cells,
+    check_not_empty,
+    check_unique_var_names,
+    check_vocab_overlap,
+    iter_row_chunks,
+)
+from .vocab import GeneVocab
+
+CORPUS_FILE_NAME = "corpus.json"
+SHARD_GLOB = "data-*.arrow"
+DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_MAX_SHARD_SIZE = "500MB"
+DEFAULT_MIN_VOCAB_OVERLAP = 0.01
+
+Covariates = Sequence[str] | Mapping[str, Sequence[str]]
+
+try:  # glibc: hands freed heap pages back to the OS
+    _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+except (OSError, AttributeError, TypeError):
+    _malloc_trim = None
+
+
+def _release_freed_memory() -> None:
+    """Without this, the per-chunk numpy/scipy temporaries fragment glibc's heap and the peak RSS of a conversion
+    creeps up with the number of chunks (+20% from 20k to 200k cells in benchmarks/bench_data.py)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+@dataclass
+class CorpusInfo:
+    """What a corpus holds besides its rows (``corpus.json``)."""
+
+    genes: list[str]
+    measured_gene_ids: list[int]
+    covariates: dict[str, list[str]] = field(default_factory=dict)
+    source: str = ""
+    num_cells: int = 0
+
+    @property
+    def vocab(self) -> GeneVocab:
+        return GeneVocab(self.genes)
+
+    def save(self, directory: str | PathLike) -> Path:
+        path = Path(directory) / CORPUS_FILE_NAME
+        path.write_text(json.dumps(asdict(self)))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | PathLike) -> CorpusInfo:
+        path = Path(directory) / CORPUS_FILE_NAME
+        if not path.is_file():
+            raise InputDataError(f"{directory} is not a corpus folder (no {CORPUS_FILE_NAME}); build one with anndata_to_corpus.")
+        return cls(**json.loads(path.read_text()))
+
+
+def cell_features(covariate_labels: Mapping[str, Sequence[str]]) -> datasets.Features:
+    """Features of a cell row; each covariate is a ClassLabel with the given label names."""
+    return datasets.Features(
+        {
+            "cell_id": datasets.Value("string"),
+            "gene_ids": datasets.List(datasets.Value("int32")),
+            "counts": datasets.List(datasets.Value("int32")),
+            "library_size": datasets.Value("int64"),
+            **{name: datasets.ClassLabel(names=list(labels)) for name, labels in covariate_labels.items()},
+        }
+    )
+
+
+@dataclass
+class _CountSource:
+    """A count matrix ``[n_obs, n_vars]`` (dense, sparse or backed) with its cell annotations and gene names."""
+
+    matrix: object
+    obs: pd.DataFrame
+    var_names: pd.Index
+    where: str
+    description: str
+
+
+@contextmanager
+def _open_counts(adata_or_path: ad.AnnData | str | PathLike, layer: str | None) -> Iterator[_CountSource]:
+    """Open an AnnData's ``X`` (or ``layers[layer]``); an ``.h5ad`` path is read backed, one row chunk at a time.
+
+    For a path only ``obs``, ``var`` and the chosen matrix are touched (``read_h5ad(backed="r")`` would load every
+    layer into memory).
+    """
+    where = "X" if layer is None else f"layers[{layer!r}]"
+    if isinstance(adata_or_path, ad.AnnData):
+        adata = adata_or_path
+        layers = adata.layers
+        if layer is not None and layer not in layers:
+            raise InputDataError(f"Layer {layer!r} not found; available layers: {', '.join(layers.keys()) or 'none'}.")
+        matrix = adata.X if layer is None else layers[layer]
+        if matrix is None:
+            raise InputDataError("The AnnData has no X: pass layer=... naming the layer that holds raw counts.")
+        yield _CountSource(matrix, adata.obs, adata.var_names, where, "in-memory AnnData")
+        return
+    path = Path(adata_or_path)
+    if not path.is_file():
+        raise InputDataError(f"No .h5ad file at {path}.")
+    with h5py.File(path, "r") as file:
+        layers = file.get("layers", {})
+        if layer is not None and layer not in layers:
+            raise InputDataError(f"Layer {layer!r} not found in {path}; available layers: {', '.join(layers) or 'none'}.")
+        element = file["X"] if layer is None else layers[layer]
+        matrix = ad.io.sparse_dataset(element) if isinstance(element, h5py.Group) else element
+        obs = ad.io.read_elem(file["obs"])
+        var_names = ad.io.read_elem(file["var"]).index
+        yield _CountSource(matrix, obs, var_names, where, str(path.resolve()))
+
+
+def _covariate_codes(obs: pd.DataFrame, covariates: Covariates) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+    """Label names (sorted, unless given) and per-cell ClassLabel ids ``[n_obs]`` of each covariate column."""
+    if isinstance(covariates, str):
+        covariates = (covariates,)
+    check_covariate_columns(obs, list(covariates))
+    labels, codes = {}, {}
+    for name in covariates:
+        values = obs[name].astype(str)
+        labels[name] = [str(label) for label in covariates[name]] if isinstance(covariates, Mapping) else sorted(values.unique())
+        codes[name] = pd.Categorical(values, categories=labels[name]).codes.astype(np.int64)
+        unknown = values[codes[name] < 0].unique()
+        if unknown.size:
+            raise ConditionError(
+                f"Covariate {name!r} has labels the given label list does not know: {', '.join(map(repr, unknown[:5]))}; "
+                f"known labels: {', '.join(map(repr, labels[name]))}."
+            )
+    return labels, codes
+
+
+class _CellBatches:
+    """Validates a count source against the vocabulary and turns its row chunks into Arrow record batches of cells."""
+
+    def __init__(
+        self,
+        source: _CountSource,
+        vocab: GeneVocab | None,
+        covariates: Covariates,
+        min_vocab_overlap: float,
+    ):
+        check_not_empty(*source.matrix.shape)
+        check_unique_var_names(source.var_names)
+        check_matrix_dtype(source.matrix.dtype, source.where)
+        vocab = vocab if vocab is not None else GeneVocab.from_anndata(source)
+        gene_ids = vocab.map_var_names(source.var_names)
+        measured_columns = np.flatnonzero(gene_ids)
+        check_vocab_overlap(measured_columns.size / len(vocab), min_vocab_overlap)
+        covariate_labels, self._covariate_codes = _covariate_codes(source.obs, covariates)
+
+        self.source = source
+        # Data columns in ascending vocab id order, genes outside the vocabulary left out (None: already so).
+        column_order = measured_columns[np.argsort(gene_ids[measured_columns])]
+        self._column_order = None if np.array_equal(column_order, np.arange(len(gene_ids))) else column_order
+        self._measured_ids = gene_ids[column_order].astype(np.int32)
+        self._obs_names = source.obs.index.astype(str)
+        self.features = cell_features(covariate_labels)
+        self.info = CorpusInfo(
+            genes=vocab.genes,
+            measured_gene_ids=self._measured_ids.tolist(),
+            covariates=covariate_labels,
+            source=source.description,
+            num_cells=source.matrix.shape[0],
+        )
+
+    def __call__(self, chunk_size: int) -> Iterator[pa.RecordBatch]:
+        """Yield record batches of up to ``chunk_size`` cells; raises once the pass has found cells without counts."""
+        empty_cells: list[str] = []
+        for start, chunk in iter_row_chunks(self.source.matrix, chunk_size, desc="Converting cells"):
+            cells = slice(start, start + chunk.shape[0])
+            if self._column_order is not None:
+                chunk = chunk[:, self._column_order]
+            chunk.eliminate_zeros()
+            chunk.sort_indices()
+            check_count_chunk(chunk, self._obs_names[cells], self.source.where)
+            chunk = chunk.astype(np.int32, copy=False)
+            empty_cells.extend(self._obs_names[cells][np.diff(chunk.indptr) == 0])
+            yield self._record_batch(chunk, cells)
+            _release_freed_memory()
+        check_no_empty_cells(empty_cells, over=f" over the {self._measured_ids.size} measured vocabulary genes")
+
+    def _record_batch(self, chunk: sp.csr_matrix, cells: slice) -> pa.RecordBatch:
+        offsets = pa.array(chunk.indptr, pa.int32())
+        columns = {
+            "cell_id": pa.array(self._obs_names[cells], pa.string()),
+            "gene_ids": pa.ListArray.from_arrays(offsets, pa.array(self._measured_ids[chunk.indices])),
+            "counts": pa.ListArray.from_arrays(offsets, pa.array(chunk.data)),
+            "library_size": pa.array(np.asarray(chunk.sum(axis=1, dtype=np.int64)).ravel()),
+            **{name: pa.array(codes[cells]) for name, codes in self._covariate_codes.items()},
+        }
+        return pa.RecordBatch.from_pydict(columns, schema=self.features.arrow_schema)
+
+
+def anndata_to_dataset(
+    adata: ad.AnnData,
+    vocab: GeneVocab | None = None,
+    covariates: Covariates = (),
+    layer: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    min_vocab_overlap: float = DEFAULT_MIN_VOCAB_OVERLAP,
+) -> tuple[datasets.Dataset, CorpusInfo]:
+    """In-memory ``datasets.Dataset`` of cells (rows as in docs/DESIGN.md) and its :class:`CorpusInfo`.
+
+    ``vocab=None`` builds the vocabulary from ``adata.var_names`` (sorted). ``covariates`` lists ``obs`` columns,
+    or maps each to its label names (to reuse a model's label ids). The counts are validated on the way.
+    """
+    with _open_counts(adata, layer) as source:
+        batches = _CellBatches(source, vocab, covariates, min_vocab_overlap)
+        table = pa.Table.from_batches(list(batches(chunk_size)), schema=batches.features.arrow_schema)
+    return datasets.Dataset(table), batches.info
+
+
+def anndata_to_corpus(
+    adata_or_path: ad.AnnData | str | PathLike,
+    output_dir: str | PathLike,
+    vocab: GeneVocab | None = None,
+    covariates: Covariates = (),
+    layer: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    min_vocab_overlap: float = DEFAULT_MIN_VOCAB_OVERLAP,
+    overwrite: bool = False,
+) -> CorpusInfo:
+    """Write a corpus folder: Arrow shards ``data-XXXXX-of-YYYYY.arrow`` (datasets format) + ``corpus.json``.
+
+    An ``.h5ad`` path is read in backed mode, ``chunk_size`` cells at a time, so memory does not grow with the
+    number of cells. Everything is written into a temporary folder next to ``output_dir`` that is renamed at the
+    end: a conversion that fails (e.g. on invalid counts) leaves no output folder behind.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise ConfigurationError(f"{output_dir} already exists: choose another output folder or pass overwrite=True.")
+    max_shard_bytes = convert_file_size_to_int(max_shard_size)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    try:
+        with _open_counts(adata_or_path, layer) as source:
+            batches = _CellBatches(source, vocab, covariates, min_vocab_overlap)
+            _write_shards(batches(chunk_size), batches.features, staging, max_shard_bytes)
+        datasets.DatasetInfo(features=batches.features).write_to_directory(staging)
+        batches.info.save(staging)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return batches.info
+
+
+def _write_shards(
+    batches: Iterator[pa.RecordBatch], features: datasets.Features, directory: Path, max_shard_bytes: int
+) -> None:
+    """Stream ``batches`` into Arrow IPC stream files of about ``max_shard_bytes``, named ``data-XXXXX-of-YYYYY.arrow``."""
+    shards: list[Path] = []
+    writer, shard_bytes = None, 0
+    try:
+        for batch in batches:
+            if writer is None or shard_bytes >= max_shard_bytes:
+                if writer is not None:
+                    writer.close()
+                shards.append(directory / f"data-{len(shards):05d}.arrow")
+                writer, shard_bytes = pa.ipc.new_stream(str(shards[-1]), features.arrow_schema), 0
+            writer.write_batch(batch)
+            shard_bytes += batch.nbytes
+    finally:
+        if writer is not None:
+            writer.close()
+    for index, shard in enumerate(shards):
+        shard.rename(directory / f"data-{index:05d}-of-{len(shards):05d}.arrow")
+
+
+def load_corpus(path: str | PathLike, streaming: bool = False) -> tuple[datasets.Dataset | datasets.IterableDataset, CorpusInfo]:
+    """Open a corpus folder written by :func:`anndata_to_corpus`.
+
+    ``streaming=False`` memory-maps the shards into a ``Dataset``; ``streaming=True`` returns an ``IterableDataset``
+    reading the shard files record batch by record batch (each file is one of its ``num_shards``, so
+    ``split_dataset_by_node`` and DataLoader workers split it by file). Both split across processes with
+    ``datasets.distributed.split_dataset_by_node``.
+    """
+    info = CorpusInfo.load(path)
+    shards = sorted(str(shard) for shard in Path(path).glob(SHARD_GLOB))
+    if not shards:
+        raise InputDataError(f"The corpus folder {path} holds no {SHARD_GLOB} shards; rebuild it with anndata_to_corpus.")
+    if streaming:
+        dataset = datasets.load_dataset("arrow", data_files=shards, split="train", streaming=True)
+    else:
+        dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(shard) for shard in shards])
+    return dataset, info

@@ -1,0 +1,336 @@
+"""Input checks shared by every entry point (conversion, models, pipeline, CLI).
+
+Each check raises a subclass of :class:`scldm_hf.errors.SCLDMError` whose message names the problem, where it is
+(cells, genes, column) and how to fix it. Matrix checks work on one row chunk at a time, so they run on sparse,
+dense and backed (on-disk) matrices without densifying the whole matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from numbers import Real
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConditionError, ConfigurationError, InputDataError, VocabularyError
+
+RAW_COUNTS_FIX = "pass raw integer counts, e.g. layer='counts' or adata.raw"
+_COUNT_DTYPE_KINDS = "iuf"  # signed/unsigned integers and floats can hold counts
+
+
+def _examples(names: Sequence[str], n: int = 5) -> str:
+    return ", ".join(f"'{name}'" for name in list(names[:n]))
+
+
+def iter_row_chunks(matrix, chunk_size: int, desc: str | None = None) -> Iterator[tuple[int, sp.csr_matrix]]:
+    """Yield ``(start, rows [chunk, n_vars] as CSR)`` over a dense, sparse or backed matrix, ``chunk_size`` rows at a time.
+
+    A tqdm bar is shown when ``desc`` is given.
+    """
+    n_rows = matrix.shape[0]
+    with tqdm(total=n_rows, desc=desc, unit="cells", disable=desc is None) as bar:
+        for start in range(0, n_rows, chunk_size):
+            chunk = sp.csr_matrix(matrix[start : start + chunk_size])
+            yield start, chunk
+            bar.update(chunk.shape[0])
+
+
+def check_not_empty(n_obs: int, n_vars: int) -> None:
+    """Raise ``InputDataError`` if the data has no cells or no genes."""
+    if n_obs == 0 or n_vars == 0:
+        raise InputDataError(
+            f"The AnnData is empty ({n_obs} cells x {n_vars} genes): pass data with at least one cell and one gene "
+            "(check the filtering or subsetting that produced it)."
+        )
+
+
+def check_unique_var_names(var_names: Sequence[str]) -> None:
+    """Raise ``InputDataError`` if a gene name occurs more than once."""
+    names = pd.Index(var_names)
+    if not names.is_unique:
+        duplicated = names[names.duplicated()].unique()
+        raise InputDataError(
+            f"{len(duplicated)} gene names occur more than once in var_names (e.g. {_examples(duplicated)}): "
+            "make them unique with adata.var_names_make_unique() or sum the duplicated genes."
+        )
+
+
+def check_matrix_dtype(dtype, where: str = "X") -> None:
+    """Raise ``InputDataError`` unless ``dtype`` is an integer or float type able to hold counts."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in _COUNT_DTYPE_KINDS:
+        raise InputDataError(
+            f"{where} has dtype {dtype}, which cannot hold counts: store raw counts as integers or floats, "
+            f"e.g. adata.X = adata.X.astype(np.float32)."
+        )
+
+
+def _cell_of_value(chunk: sp.csr_matrix, value_index: int, obs_names: Sequence[str]) -> str:
+    """Name of the cell holding ``chunk.data[value_index]``."""
+    return str(obs_names[np.searchsorted(chunk.indptr, value_index, side="right") - 1])
+
+
+def check_count_chunk(chunk: sp.csr_matrix, obs_names: Sequence[str], where: str = "X") -> None:
+    """Check that a CSR row chunk ``[n_cells, n_vars]`` holds finite, non-negative integer counts.
+
+    ``obs_names`` are the chunk's cell names, used to say where the first bad value is.
+    """
+    check_matrix_dtype(chunk.dtype, where)
+    values = chunk.data
+    if values.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise InputDataError(
+                f"{where} holds NaN or infinite values (first in cell {_cell_of_value(chunk, bad[0], obs_names)!r}): "
+                f"counts must be finite; {RAW_COUNTS_FIX}."
+            )
+    if values.dtype.kind in "if":
+        bad = np.flatnonzero(values < 0)
+        if bad.size:
+            raise InputDataError(
+                f"{where} holds negative values (e.g. {values[bad[0]]:g} in cell "
+                f"{_cell_of_value(chunk, bad[0], obs_names)!r}): counts must be >= 0, this looks scaled or centred; "
+                f"{RAW_COUNTS_FIX}."
+            )
+    if values.dtype.kind == "f":
+        bad = np.flatnonzero(values != np.round(values))
+        if bad.size:
+            raise InputDataError(
+                f"{where} holds non-integer values (e.g. {values[bad[0]]:g} in cell "
+                f"{_cell_of_value(chunk, bad[0], obs_names)!r}): this looks log-normalised or scaled: {RAW_COUNTS_FIX}."
+            )
+
+
+def check_no_empty_cells(empty_cells: Sequence[str], over: str = "") -> None:
+    """Raise ``InputDataError`` naming the cells (``obs_names``) without any count; ``over`` says over which genes."""
+    if len(empty_cells):
+        raise InputDataError(
+            f"{len(empty_cells)} cells have no counts{over} (first: {_examples(empty_cells)}): every cell needs at "
+            "least one count. Remove them, e.g. scanpy.pp.filter_cells(adata, min_counts=1)."
+        )
+
+
+def check_counts(matrix, obs_names: Sequence[str], chunk_size: int = 10_000, where: str = "X") -> None:
+    """Chunk-wise check that ``matrix`` ``[n_obs, n_vars]`` (dense, sparse or backed) holds raw counts, no empty cells."""
+    check_matrix_dtype(matrix.dtype, where)
+    empty_cells: list[str] = []
+    for start, chunk in iter_row_chunks(matrix, chunk_size):
+        names = np.asarray(obs_names[start : start + chunk.shape[0]])
+        check_count_chunk(chunk, names, where)
+        empty_cells.extend(names[np.diff(chunk.indptr) == 0])
+    check_no_empty_cells(empty_cells)
+
+
+def check_covariate_columns(obs: pd.DataFrame, covariates: Sequence[str]) -> None:
+    """Raise ``ConditionError`` if a covariate is not an ``obs`` column or has missing (NaN) labels."""
+    missing = [name for name in covariates if name not in obs.columns]
+    if missing:
+        raise ConditionError(
+            f"Covariate column(s) {', '.join(map(repr, missing))} not found in adata.obs; "
+            f"available columns: {', '.join(map(repr, obs.columns)) or 'none'}."
+        )
+    for name in covariates:
+        is_missing = obs[name].isna().to_numpy()
+        if is_missing.any():
+            raise ConditionError(
+                f"Covariate column {name!r} has {int(is_missing.sum())} missing (NaN) labels "
+                f"(first in cells {_examples(obs.index[is_missing])}): fill them with a label "
+                f"(e.g. 'unknown') or drop those cells."
+            )
+
+
+def check_vocab_overlap(fraction: float, min_fraction: float) -> None:
+    """Raise ``VocabularyError`` if only ``fraction`` of the vocabulary genes are measured (below ``min_fraction``)."""
+    if fraction < min_fraction:
+        raise VocabularyError(
+            f"Only {fraction:.1%} of the vocabulary genes are measured in the data (minimum {min_fraction:.1%}): "
+            "the data probably uses other gene identifiers (e.g. Ensembl ids instead of symbols, or another "
+            "species). Rename var_names to the vocabulary's identifiers, or lower the minimum if this is intended."
+        )
+
+
+# --- Generation inputs (SCLDMPipeline, CLI) ---
+
+
+def check_num_cells(num_cells) -> None:
+    """Raise ``ConfigurationError`` unless ``num_cells`` is a positive integer."""
+    if isinstance(num_cells, bool) or not isinstance(num_cells, (int, np.integer)) or num_cells <= 0:
+        raise ConfigurationError(f"num_cells={num_cells!r} must be a positive integer (the number of cells to generate).")
+
+
+def check_conditions(conditions, num_cells: int | None = None) -> pd.DataFrame:
+    """Normalise generation conditions into a DataFrame ``[N, covariates]`` of string labels.
+
+    ``conditions`` is a DataFrame or a ``{covariate: labels}`` dict with one label per cell (a single string is one
+    label). With ``num_cells``, a single row is repeated ``num_cells`` times; other row counts must equal it.
+    """
+    if isinstance(conditions, pd.DataFrame):
+        frame = conditions.reset_index(drop=True)
+    elif isinstance(conditions, Mapping):
+        columns = {name: [labels] if isinstance(labels, str) else list(labels) for name, labels in conditions.items()}
+        lengths = {name: len(labels) for name, labels in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ConditionError(
+                f"The condition lists have different lengths {lengths}: give one label per cell for every covariate."
+            )
+        frame = pd.DataFrame(columns)
+    else:
+        raise ConditionError(
+            f"conditions must be a dict {{covariate: [label, ...]}} or a pandas DataFrame, not {type(conditions).__name__}; "
+            "pass None to generate unconditionally."
+        )
+    if frame.shape[1] == 0 or len(frame) == 0:
+        raise ConditionError(
+            f"conditions are empty ({len(frame)} rows x {frame.shape[1]} covariates): give at least one covariate "
+            "with one label per cell, or pass None to generate unconditionally."
+        )
+    if num_cells is not None:
+        check_num_cells(num_cells)
+        if len(frame) == 1:
+            frame = frame.loc[[0] * num_cells].reset_index(drop=True)
+        elif len(frame) != num_cells:
+            raise ConditionError(
+                f"conditions give labels for {len(frame)} cells but num_cells={num_cells}: give one label per cell, "
+                "a single label to repeat, or leave num_cells=None."
+            )
+    for name in frame.columns:
+        is_missing = frame[name].isna().to_numpy()
+        if is_missing.any():
+            raise ConditionError(
+                f"Condition column {name!r} has {int(is_missing.sum())} missing labels (first at row "
+                f"{int(np.flatnonzero(is_missing)[0])}): give a label for every cell."
+            )
+    return frame.astype(str)
+
+
+def check_guidance_scale(guidance_scale, conditioned: Sequence[str]) -> None:
+    """Check a classifier-free guidance scale: a finite number, or ``{covariate: number}`` naming exactly the
+    ``conditioned`` covariates."""
+
+    def is_number(value) -> bool:
+        return isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(value)
+
+    if isinstance(guidance_scale, Mapping):
+        if set(guidance_scale) != set(conditioned):
+            raise ConfigurationError(
+                f"Per-covariate guidance_scale has keys {sorted(guidance_scale)} but the cells are conditioned on "
+                f"{sorted(conditioned)}: give one weight per conditioned covariate (0 ignores it)."
+            )
+        bad = {name: value for name, value in guidance_scale.items() if not is_number(value)}
+    else:
+        bad = {} if is_number(guidance_scale) else {"guidance_scale": guidance_scale}
+    if bad:
+        raise ConfigurationError(
+            f"guidance_scale values must be finite numbers, got {bad}; use e.g. 1.0 (conditional), 0.0 "
+            "(unconditional) or {'cell_type': 2.0}."
+        )
+
+
+# --- Model inputs (SCVAEModel) ---
+
+_BATCH_FIX = "build batches with CellCollator (docs/DESIGN.md, batch contract)"
+
+
+def _first_cell(bad: torch.Tensor) -> int:
+    """Batch index of the first cell with a True entry in ``bad`` ``[B, ...]``."""
+    return int(bad.reshape(bad.shape[0], -1).any(dim=-1).nonzero()[0, 0])
+
+
+def check_gene_tokens(
+    gene_ids: torch.Tensor, counts: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int
+) -> None:
+    """Check a padded gene-token batch: ``gene_ids`` (integer), ``counts`` and ``attention_mask`` all ``[B, L]``,
+    ids in ``0..vocab_size`` (0 = padding, never marked real), finite non-negative counts, >= 1 real token per cell."""
+    shapes = {"gene_ids": gene_ids.shape, "counts": counts.shape, "attention_mask": attention_mask.shape}
+    shapes = {name: tuple(shape) for name, shape in shapes.items()}
+    if gene_ids.dim() != 2 or len(set(shapes.values())) > 1:
+        raise InputDataError(f"Gene-token inputs must all be [cells, tokens] of one shape, got {shapes}: {_BATCH_FIX}.")
+    if gene_ids.is_floating_point() or gene_ids.dtype == torch.bool:
+        raise InputDataError(f"gene_ids must be integer vocabulary ids, got dtype {gene_ids.dtype}: {_BATCH_FIX}.")
+    out_of_vocab = (gene_ids < 0) | (gene_ids > vocab_size)
+    if out_of_vocab.any():
+        raise VocabularyError(
+            f"gene_ids hold {int(out_of_vocab.sum())} ids outside 0..{vocab_size} (first in cell "
+            f"{_first_cell(out_of_vocab)}): the model knows {vocab_size} genes; map data genes onto the model's "
+            "vocabulary, e.g. anndata_to_dataset(adata, vocab=model.gene_vocab)."
+        )
+    attention_mask = attention_mask.bool()
+    padding_marked_real = attention_mask & (gene_ids == 0)
+    if padding_marked_real.any():
+        raise InputDataError(
+            f"attention_mask marks the padding id 0 as a real gene (first in cell {_first_cell(padding_marked_real)}): "
+            f"use attention_mask = gene_ids != 0; {_BATCH_FIX}."
+        )
+    if not torch.isfinite(counts).all():
+        raise InputDataError(
+            f"counts hold NaN or infinite values (first in cell {_first_cell(~torch.isfinite(counts))}): "
+            f"counts must be finite; {RAW_COUNTS_FIX}."
+        )
+    if (counts < 0).any():
+        raise InputDataError(
+            f"counts hold negative values (first in cell {_first_cell(counts < 0)}): counts must be >= 0; "
+            f"{RAW_COUNTS_FIX}."
+        )
+    empty = ~attention_mask.any(dim=-1)
+    if empty.any():
+        raise InputDataError(
+            f"{int(empty.sum())} cells have no gene token (first: cell {int(empty.nonzero()[0, 0])}): every cell needs "
+            "at least one expressed vocabulary gene; remove empty cells, e.g. scanpy.pp.filter_cells(adata, min_counts=1)."
+        )
+
+
+def check_decoder_genes(gene_ids: torch.Tensor, batch_size: int, vocab_size: int) -> None:
+    """Check genes to decode: non-empty integer ids ``[G]`` or ``[batch_size, G]`` within ``1..vocab_size``."""
+    if gene_ids.dim() not in (1, 2) or (gene_ids.dim() == 2 and gene_ids.shape[0] != batch_size):
+        raise InputDataError(
+            f"Genes to decode must be [genes] or [{batch_size} cells, genes], got shape {tuple(gene_ids.shape)}."
+        )
+    if gene_ids.shape[-1] == 0 or gene_ids.is_floating_point() or gene_ids.dtype == torch.bool:
+        raise InputDataError(
+            f"Genes to decode must be a non-empty integer tensor of vocabulary ids, got shape {tuple(gene_ids.shape)} "
+            f"and dtype {gene_ids.dtype}."
+        )
+    invalid = (gene_ids < 1) | (gene_ids > vocab_size)
+    if invalid.any():
+        raise VocabularyError(
+            f"{int(invalid.sum())} genes to decode are not gene ids of the {vocab_size}-gene vocabulary "
+            f"(e.g. {int(gene_ids[invalid][0])}); valid ids are 1..{vocab_size} (0 is padding): "
+            "use model.gene_vocab.ids_of(gene_names)."
+        )
+
+
+def check_library_size(library_size: torch.Tensor | None, batch_size: int) -> None:
+    """Check library sizes: a finite, positive tensor ``[batch_size]``."""
+    if library_size is None:
+        raise ConfigurationError(
+            "library_size is required to decode counts: pass one total count per cell (e.g. batch['library_size'])."
+        )
+    if tuple(library_size.shape) != (batch_size,):
+        raise InputDataError(
+            f"library_size must have shape [{batch_size}] (one total per cell), got {tuple(library_size.shape)}."
+        )
+    bad = ~torch.isfinite(library_size) | (library_size <= 0)
+    if bad.any():
+        raise InputDataError(
+            f"library_size holds {int(bad.sum())} non-positive or non-finite values (first: cell "
+            f"{int(bad.nonzero()[0, 0])}): every cell needs a positive total count."
+        )
+
+
+def check_panel_counts(panel_counts: torch.Tensor, expected_shape: tuple[int, ...]) -> None:
+    """Check dense target counts: shape ``expected_shape`` (``[B, G]``), finite and non-negative."""
+    if tuple(panel_counts.shape) != tuple(expected_shape):
+        raise InputDataError(
+            f"panel_counts has shape {tuple(panel_counts.shape)} but the decoded panel is {tuple(expected_shape)}: "
+            f"panel_counts must hold one count per cell and panel gene; {_BATCH_FIX}."
+        )
+    bad = ~torch.isfinite(panel_counts) | (panel_counts < 0)
+    if bad.any():
+        raise InputDataError(
+            f"panel_counts hold {int(bad.sum())} negative or non-finite values (first in cell {_first_cell(bad)}): "
+            f"{RAW_COUNTS_FIX}."
+        )
