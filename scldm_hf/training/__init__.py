@@ -1,0 +1,66 @@
+"""Accelerate training of both scLDM stages, fine-tuning on new conditions, model cards and Hub publishing.
+
+Scripts in the top-level ``training/`` folder call `main`; ``scldm train <stage> ...`` calls `run_training_script`.
+Submodules are imported on first use, so a stage only loads what it needs.
+"""
+
+import importlib
+import sys
+
+from scldm_hf.errors import SCLDMError
+
+from .config import DiTTrainingConfig, FinetuneConfig, TrainingConfig, VAETrainingConfig, load_config, parse_overrides
+
+# stage -> (config class, "module:function" that trains it)
+STAGES = {
+    "vae": (VAETrainingConfig, "scldm_hf.training.vae:train_vae"),
+    "dit": (DiTTrainingConfig, "scldm_hf.training.dit:train_dit"),
+    "finetune": (FinetuneConfig, "scldm_hf.training.finetune:finetune"),
+}
+
+_EXPORTS = {
+    "train_vae": "scldm_hf.training.vae",
+    "train_dit": "scldm_hf.training.dit",
+    "finetune": "scldm_hf.training.finetune",
+    "push_folder_to_hub": "scldm_hf.training.hub",
+    "resolve_pretrained": "scldm_hf.training.hub",
+    "DataProvenance": "scldm_hf.training.model_card",
+    "render_model_card": "scldm_hf.training.model_card",
+    "TrainingProgress": "scldm_hf.training.checkpointing",
+    "list_checkpoints": "scldm_hf.training.checkpointing",
+    "resolve_checkpoint": "scldm_hf.training.checkpointing",
+}
+
+
+def run_training_script(stage: str, argv: list[str]) -> str:
+    """Run `stage` (``vae``, ``dit`` or ``finetune``) with ``--config recipe.yaml`` and ``--key value`` overrides."""
+    config_class, target = STAGES[stage]
+    config_path, overrides = parse_overrides(argv)
+    config = load_config(config_class, config_path, overrides, section=stage)
+    module, function = target.split(":")
+    getattr(importlib.import_module(module), function)(config)
+    return f"{stage}: model saved to {config.output_dir}"
+
+
+def main(stage: str, argv: list[str] | None = None) -> int:
+    """Entry point of ``training/train_<stage>.py``: errors of the package are printed as one line, exit code 2."""
+    try:
+        print(run_training_script(stage, sys.argv[1:] if argv is None else argv))
+    except SCLDMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'scldm_hf.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = sorted([
+    "DiTTrainingConfig", "FinetuneConfig", "TrainingConfig", "VAETrainingConfig", "load_config", "main",
+    "parse_overrides", "run_training_script", *_EXPORTS,
+])

@@ -1,0 +1,195 @@
+"""Training data: the corpus a run reads, its train/validation split, the latent cache of stage 2 and data loaders."""
+
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import anndata as ad
+import datasets
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from scldm_hf.data import CorpusInfo, GeneVocab, anndata_to_corpus, load_corpus, load_pbmc68k_counts
+from scldm_hf.data.corpus import CORPUS_FILE_NAME
+from scldm_hf.errors import ConditionError, ConfigurationError, InputDataError, VocabularyError
+
+from .config import TrainingConfig
+
+# `data:` values that name a bundled data set instead of a path, and the provenance recorded for them.
+BUILTIN_DATASETS = {"pbmc68k": load_pbmc68k_counts}
+BUILTIN_SOURCES = {"pbmc68k": "scanpy.datasets.pbmc68k_reduced() (68k PBMC subsample, raw counts recovered)"}
+LATENT_CACHE_DIR = "latent_cache"
+LATENT_CACHE_KEY_FILE = "cache_key.json"
+
+
+def prepare_corpus(
+    config: TrainingConfig,
+    accelerator: Accelerator,
+    vocab: GeneVocab | None = None,
+    covariates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+) -> tuple[datasets.Dataset, CorpusInfo]:
+    """Open ``config.data`` as a corpus; with a `vocab`, its genes must be exactly that vocabulary.
+
+    A corpus folder is used as is. An ``.h5ad`` file or a built-in name (``pbmc68k``) is converted once, by the main
+    process, into ``<output_dir>/corpus`` with `covariates` (default ``config.covariates``; a mapping fixes the label
+    order) and reused by later runs in the same output folder (e.g. after a crash).
+    """
+    source = Path(config.data)
+    if (source / CORPUS_FILE_NAME).is_file():
+        corpus_dir = source
+    else:
+        if config.data not in BUILTIN_DATASETS and not (source.is_file() and source.suffix == ".h5ad"):
+            raise ConfigurationError(
+                f"data={config.data!r} is neither a corpus folder (with {CORPUS_FILE_NAME}), an .h5ad file nor one of "
+                f"{sorted(BUILTIN_DATASETS)}; convert your AnnData with `scldm convert in.h5ad corpus_dir`."
+            )
+        corpus_dir = Path(config.output_dir) / "corpus"
+        with accelerator.main_process_first():
+            if accelerator.is_main_process and not (corpus_dir / CORPUS_FILE_NAME).is_file():
+                adata_or_path = BUILTIN_DATASETS[config.data]() if config.data in BUILTIN_DATASETS else source
+                chosen = config.covariates if covariates is None else covariates
+                info = anndata_to_corpus(adata_or_path, corpus_dir, vocab=vocab, covariates=chosen, layer=config.layer,
+                                         overwrite=True)
+                if config.data in BUILTIN_SOURCES:
+                    info.source = BUILTIN_SOURCES[config.data]
+                    info.save(corpus_dir)
+    dataset, info = load_corpus(corpus_dir)
+    if vocab is not None and info.genes != vocab.genes:
+        raise VocabularyError(
+            f"the corpus {corpus_dir} has a different gene vocabulary ({len(info.genes)} genes) than the model "
+            f"({len(vocab)} genes); pass the .h5ad as data (it is converted onto the model's genes) or re-convert "
+            "with anndata_to_corpus(..., vocab=GeneVocab(model.config.gene_names))."
+        )
+    return dataset, info
+
+
+def split_train_validation(dataset: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Seeded random split into (train, validation); validation is None when `fraction` is 0.
+
+    The split depends only on the number of rows and the seed, so a corpus and its latent cache split alike.
+    """
+    if fraction == 0:
+        return dataset, None
+    num_validation = max(1, round(fraction * len(dataset)))
+    if num_validation >= len(dataset):
+        raise InputDataError(
+            f"validation_fraction={fraction} leaves no training cells out of {len(dataset)}; lower it or add cells."
+        )
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    return (dataset.select(np.sort(order[num_validation:]), keep_in_memory=True),
+            dataset.select(np.sort(order[:num_validation]), keep_in_memory=True))
+
+
+def build_dataloader(dataset, config: TrainingConfig, collate_fn, shuffle: bool = True) -> DataLoader:
+    """Map-style loader; `Accelerator.prepare` shards it across processes and seeds its order by (seed, epoch)."""
+    if len(dataset) < config.batch_size:
+        raise InputDataError(
+            f"{len(dataset)} training cells are fewer than batch_size={config.batch_size}; lower batch_size."
+        )
+    # A dedicated generator keeps the global RNG (model noise) untouched by loader iterators, so resuming mid-epoch
+    # replays the same random numbers as an uninterrupted run.
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, collate_fn=collate_fn, drop_last=True,
+                      num_workers=config.dataloader_num_workers, generator=torch.Generator().manual_seed(config.seed))
+
+
+def align_covariate_labels(dataset: datasets.Dataset, labels: Mapping[str, Sequence[str]]) -> datasets.Dataset:
+    """Re-code the ClassLabel columns of `dataset` to the label order `labels[name]` (a model's label ids).
+
+    Raises `ConditionError` when the data holds a label the given list lacks.
+    """
+    for name, names in labels.items():
+        feature = dataset.features[name]
+        if list(feature.names) == list(names):
+            continue
+        position = {label: index for index, label in enumerate(names)}
+        unknown = sorted(set(feature.names) - set(position))
+        if unknown:
+            raise ConditionError(f"covariate {name!r} of the data has labels {unknown} that the model lacks: {list(names)}.")
+        new_ids = np.array([position[label] for label in feature.names], dtype=np.int64)
+        # an in-memory column beside the memory-mapped table: nothing is rewritten or cached next to the corpus
+        recoded = new_ids[np.asarray(dataset[name])]
+        dataset = dataset.remove_columns(name).add_column(name, recoded, feature=datasets.ClassLabel(names=list(names)))
+    return dataset
+
+
+def corpus_to_anndata(dataset: datasets.Dataset, info: CorpusInfo, covariates: Sequence[str] = ()) -> ad.AnnData:
+    """Cells of a corpus (split) as an AnnData of counts `[N, measured genes]` with label names in ``obs``."""
+    measured = np.asarray(info.measured_gene_ids)
+    column_of_id = np.full(len(info.genes) + 1, -1)
+    column_of_id[measured] = np.arange(len(measured))
+    gene_ids, counts = dataset["gene_ids"], dataset["counts"]
+    indptr = np.cumsum([0] + [len(ids) for ids in gene_ids])
+    matrix = sp.csr_matrix(
+        (np.concatenate(counts).astype(np.float32), column_of_id[np.concatenate(gene_ids)], indptr),
+        shape=(len(dataset), len(measured)),
+    )
+    obs = pd.DataFrame(
+        {name: pd.Categorical(np.asarray(dataset.features[name].names)[dataset[name]]) for name in covariates},
+        index=pd.Index(dataset["cell_id"]),
+    )
+    return ad.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=np.asarray(info.genes)[measured - 1]))
+
+
+class LatentCollator:
+    """Latent-cache rows -> ``{"latents": [B, T, D], "covariates": {name: LongTensor [B]}}``."""
+
+    def __init__(self, covariates: Sequence[str]):
+        self.covariates = list(covariates)
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict:
+        return {
+            "latents": torch.stack([torch.as_tensor(row["latents"]) for row in rows]),
+            "covariates": {name: torch.tensor([int(row[name]) for row in rows]) for name in self.covariates},
+        }
+
+
+def encode_latent_cache(
+    vae, dataset: datasets.Dataset, info: CorpusInfo, output_dir: str | Path, batch_size: int, accelerator: Accelerator
+) -> datasets.Dataset:
+    """Encode every cell once with the frozen `vae` into ``<output_dir>/latent_cache`` (Arrow) and open it.
+
+    Rows keep ``cell_id``, ``library_size`` and the covariate columns and add ``latents [T, D]`` (float32). The main
+    process encodes and writes atomically; the cache is reused while the VAE weights and the cells are unchanged.
+    """
+    cache_dir = Path(output_dir) / LATENT_CACHE_DIR
+    key = {
+        "vae_weights": _state_dict_digest(vae),
+        "cells": hashlib.sha256("\n".join(dataset["cell_id"]).encode()).hexdigest(),
+        "covariates": {name: dataset.features[name].names for name in info.covariates},
+    }
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not _cache_matches(cache_dir, key):
+            vae.eval()
+            latents = vae.encode_dataset(dataset, batch_size=batch_size).astype(np.float32)
+            latent_column = datasets.Dataset.from_dict(
+                {"latents": latents},
+                features=datasets.Features({"latents": datasets.Array2D(shape=latents.shape[1:], dtype="float32")}),
+            )
+            kept_columns = ["cell_id", "library_size", *info.covariates]
+            cache = datasets.concatenate_datasets([dataset.select_columns(kept_columns), latent_column], axis=1)
+            staging = cache_dir.with_name(f".{LATENT_CACHE_DIR}.tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            cache.save_to_disk(str(staging))
+            (staging / LATENT_CACHE_KEY_FILE).write_text(json.dumps(key))
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            staging.rename(cache_dir)
+    return datasets.load_from_disk(str(cache_dir))
+
+
+def _cache_matches(cache_dir: Path, key: dict) -> bool:
+    key_file = cache_dir / LATENT_CACHE_KEY_FILE
+    return key_file.is_file() and json.loads(key_file.read_text()) == key
+
+
+def _state_dict_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,105 @@
+"""Fine-tune a trained `SCLDMPipeline` on new data whose covariates bring new labels or new covariates.
+
+Labels the model does not know are appended (`SCLDMPipeline.add_condition_labels` / `add_condition`), so every old
+label keeps its id; with ``freeze_existing_labels`` the old label embeddings and null rows stay bit-identical. The
+library-size model gains the label combinations of the new training cells and keeps the old ones. The VAE is reused
+as is (``freeze_vae``) or first fine-tuned on the new cells.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+
+from scldm_hf.loading import load_pipeline
+from scldm_hf.models.conditioning import CellConditioner
+from scldm_hf.pipelines import SCLDMPipeline
+
+from .config import FinetuneConfig, TrainingConfig, VAETrainingConfig
+from .data import align_covariate_labels, prepare_corpus, split_train_validation
+from .dit import conditioned_covariates, fit_latent_dit
+from .hub import resolve_pretrained
+from .loop import build_accelerator
+from .vae import train_vae
+
+logger = get_logger(__name__)
+VAE_FINETUNE_DIR = "vae_finetune"
+
+
+def finetune(config: FinetuneConfig) -> SCLDMPipeline:
+    """Fine-tune ``config.pipeline_name_or_path`` on ``config.data``; returns the saved pipeline."""
+    pretrained_dir = resolve_pretrained(config.pipeline_name_or_path, config.local_files_only)
+    vae = train_vae(vae_finetune_config(config, pretrained_dir)) if not config.freeze_vae else None
+    accelerator = build_accelerator(config)
+    set_seed(config.seed)
+    pipeline = load_pipeline(pretrained_dir)
+    vae = vae or pipeline.vae
+    dataset, info = prepare_corpus(config, accelerator, vocab=vae.gene_vocab)
+    covariates = conditioned_covariates(config, list(info.covariates))
+
+    old_num_labels = dict(pipeline.transformer.config.covariate_num_labels)
+    add_new_labels(pipeline, {name: info.covariates[name] for name in covariates})
+    labels = pipeline.conditioner.config.covariate_labels
+    dataset = align_covariate_labels(dataset, {name: labels[name] for name in covariates})
+    train = split_train_validation(dataset, config.validation_fraction, config.seed)[0]
+    add_library_size_groups(pipeline.conditioner, train, covariates)
+
+    frozen_rows = None
+    if config.freeze_existing_labels:
+        # old labels keep ids 0..n-1; the null row moved to the end of the grown table
+        frozen_rows = {name: [*range(num), len(labels[name])] for name, num in old_num_labels.items()}
+    return fit_latent_dit(
+        accelerator, config, vae, pipeline.transformer, dataset, info, covariates,
+        conditioner=pipeline.conditioner, scheduler=pipeline.scheduler, frozen_label_rows=frozen_rows,
+        base_model=config.pipeline_name_or_path,
+    )
+
+
+def add_new_labels(pipeline: SCLDMPipeline, data_labels: dict[str, list[str]]) -> None:
+    """Append the labels of `data_labels` the pipeline lacks (and covariates it lacks) after the existing ones."""
+    known = pipeline.conditioner.config.covariate_labels
+    for name, labels in data_labels.items():
+        if name not in known:
+            logger.info(f"new covariate {name!r} with {len(labels)} labels", main_process_only=True)
+            pipeline.add_condition(name, list(labels))
+            continue
+        new_labels = [label for label in labels if label not in known[name]]
+        if new_labels:
+            logger.info(f"covariate {name!r}: adding labels {new_labels}", main_process_only=True)
+            pipeline.add_condition_labels(name, new_labels)
+
+
+def add_library_size_groups(conditioner: CellConditioner, train, covariates: list[str]) -> None:
+    """Add the library-size groups of the new training cells to the conditioner's fitted groups.
+
+    Old groups keep their fits (covariates added since match any label); a label combination present in both old
+    and new cells is then sampled from the cell-count-weighted pool of both, as `sample_library_size` pools groups.
+    Needs the data to carry every covariate of the conditioner; otherwise the old fit is kept unchanged.
+    """
+    missing = sorted(set(conditioner.covariate_names) - set(covariates))
+    if missing:
+        logger.warning(f"the new data lacks covariates {missing}: library sizes of its labels use the pooled fit",
+                       main_process_only=True)
+        return
+    fitted = CellConditioner(covariate_labels=conditioner.config.covariate_labels)
+    fitted.fit_library_size({name: torch.as_tensor(np.asarray(train[name])) for name in conditioner.covariate_names},
+                            torch.as_tensor(np.asarray(train["library_size"])))
+    for buffer in ("group_label_ids", "group_num_cells", "group_log_mean", "group_log_var"):
+        setattr(conditioner, buffer, torch.cat([getattr(conditioner, buffer), getattr(fitted, buffer)]))
+    conditioner.register_to_config(num_library_size_groups=len(conditioner.group_num_cells))
+
+
+def vae_finetune_config(config: FinetuneConfig, pretrained_dir: Path) -> VAETrainingConfig:
+    """Stage-1 settings for fine-tuning the pipeline's VAE on the new data (in ``<output_dir>/vae_finetune``)."""
+    shared = {spec.name: getattr(config, spec.name) for spec in dataclasses.fields(TrainingConfig)}
+    return VAETrainingConfig(**shared | {
+        "output_dir": str(Path(config.output_dir) / VAE_FINETUNE_DIR),
+        "init_from": str(pretrained_dir / "vae"),
+        "learning_rate": config.vae_learning_rate,
+        "max_train_steps": config.vae_max_train_steps,
+        "lr_warmup_steps": min(config.lr_warmup_steps, config.vae_max_train_steps),
+        "push_to_hub": False,
+    })

@@ -1,0 +1,183 @@
+"""The training loop shared by both stages: Accelerate set-up, optimizer and LR schedule, the resumable step loop.
+
+The loop is "infinite epochs until ``max_train_steps``" with gradient accumulation and clipping, EMA updates,
+logging every ``logging_steps`` and an atomic checkpoint every ``checkpointing_steps``. Resuming restores the step,
+optimizer, scheduler, EMA, RNG states and the data position (epoch + batches already seen in it).
+"""
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from scldm_hf.errors import CheckpointError, ConfigurationError
+
+from .checkpointing import TrainingProgress, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import TrainingConfig, config_to_dict
+from .trackers import CSVTracker
+
+logger = get_logger(__name__)
+
+LossFunction = Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
+
+
+def build_accelerator(config: TrainingConfig) -> Accelerator:
+    """An `Accelerator` for `config` (CPU/GPU, DDP, mixed precision, accumulation, trackers, seeded data order)."""
+    output_dir = Path(config.output_dir)
+    logging_dir = output_dir / "logs"
+    trackers = {"csv": [CSVTracker(logging_dir)], "tensorboard": "tensorboard", "none": None}[config.report_to]
+    accelerator = Accelerator(
+        cpu=config.cpu,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+    check_distributed_launch(accelerator)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return accelerator
+
+
+def check_distributed_launch(accelerator: Accelerator) -> None:
+    """Refuse a multi-process launch that Accelerate runs as independent single-process copies."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise ConfigurationError(
+            f"the launcher started {world_size} processes but Accelerate sees only one (no GPU, and CPU "
+            "multi-processing was not requested), so each process would train its own copy of the model. On CPU pass "
+            "--cpu (or set ACCELERATE_USE_CPU=1), e.g. `accelerate launch --multi_gpu --num_processes 2 "
+            "--mixed_precision no --dynamo_backend no training/train_vae.py --config ... --cpu`."
+        )
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainingConfig, frozen_from_decay: Iterable[torch.nn.Parameter] = ()):
+    """AdamW over the trainable parameters; `frozen_from_decay` (e.g. partly frozen embeddings) get no weight decay."""
+    no_decay = {id(param) for param in frozen_from_decay}
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in no_decay], "weight_decay": config.weight_decay},
+        {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=config.learning_rate,
+                             betas=(config.adam_beta1, config.adam_beta2))
+
+
+def build_lr_scheduler(optimizer, config: TrainingConfig, num_processes: int):
+    """Warm-up + decay over ``max_train_steps`` (the prepared scheduler steps once per process per optimizer step)."""
+    return get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * num_processes,
+        num_training_steps=config.max_train_steps * num_processes,
+    )
+
+
+def train_loop(
+    accelerator: Accelerator,
+    config: TrainingConfig,
+    model: torch.nn.Module,
+    optimizer,
+    lr_scheduler,
+    dataloader,
+    compute_loss: LossFunction,
+    ema: EMAModel | None = None,
+    checkpointed: Iterable = (),
+) -> TrainingProgress:
+    """Train the prepared `model` until ``config.max_train_steps``; returns the final `TrainingProgress`.
+
+    `compute_loss(model, batch)` returns a dict with ``"loss"`` (optimised) and any other scalars to log. `ema` and
+    the objects in `checkpointed` (``state_dict``/``load_state_dict``) are saved with every checkpoint.
+    """
+    progress = TrainingProgress(
+        num_processes=accelerator.num_processes,
+        total_batch_size=config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
+    )
+    for obj in (progress, *([ema] if ema is not None else []), *checkpointed):
+        accelerator.register_for_checkpointing(obj)
+    checkpoint = resolve_checkpoint(config.checkpoint_root, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        expected = (progress.num_processes, progress.total_batch_size)
+        load_checkpoint(accelerator, checkpoint)
+        if (progress.num_processes, progress.total_batch_size) != expected:
+            raise CheckpointError(
+                f"{checkpoint} was written by {progress.num_processes} process(es) with a total batch of "
+                f"{progress.total_batch_size} cells; this run has {expected[0]} and {expected[1]}. Resume with the "
+                "same launch and batch settings, or start a new output_dir (init_from=...)."
+            )
+        logger.info(f"resumed from {checkpoint} at step {progress.global_step}", main_process_only=True)
+
+    accelerator.init_trackers(Path(config.output_dir).name, config=_flat_hparams(config))
+    unwrapped = accelerator.unwrap_model(model)
+    running = {}
+    bar = tqdm(total=config.max_train_steps, initial=progress.global_step, desc="Training", unit="step",
+               disable=not accelerator.is_local_main_process)
+    model.train()
+    while progress.global_step < config.max_train_steps:
+        dataloader.set_epoch(progress.epoch)
+        batches = dataloader
+        if progress.batches_seen_in_epoch:
+            batches = accelerator.skip_first_batches(dataloader, progress.batches_seen_in_epoch)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                losses = compute_loss(model, batch)
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            progress.batches_seen_in_epoch += 1
+            for name, value in losses.items():
+                running[name] = running.get(name, 0.0) + value.detach().float()
+            running["micro_batches"] = running.get("micro_batches", 0) + 1
+            if not accelerator.sync_gradients:
+                continue
+
+            progress.global_step += 1
+            bar.update()
+            if ema is not None:
+                ema.step(unwrapped.parameters())
+            if progress.global_step % config.logging_steps == 0 or progress.global_step == config.max_train_steps:
+                logs = _mean_over_processes(accelerator, running)
+                logs["lr"] = lr_scheduler.get_last_lr()[0]
+                accelerator.log(logs, step=progress.global_step)
+                bar.set_postfix(loss=f"{logs['loss']:.4g}")
+                running = {}
+            if progress.global_step % config.checkpointing_steps == 0:
+                save_checkpoint(accelerator, config.checkpoint_root, progress.global_step, config.checkpoints_total_limit)
+            if progress.global_step >= config.max_train_steps:
+                break
+        else:
+            progress.epoch += 1
+            progress.batches_seen_in_epoch = 0
+    bar.close()
+    return progress
+
+
+def _mean_over_processes(accelerator: Accelerator, running: dict) -> dict[str, float]:
+    """Average the summed losses over micro-batches and processes (a collective: every process calls it)."""
+    count = running.pop("micro_batches")
+    names = sorted(running)
+    summed = accelerator.reduce(torch.stack([running[name] for name in names]).to(accelerator.device), "mean")
+    return {name: float(value) / count for name, value in zip(names, summed)}
+
+
+def _flat_hparams(config: TrainingConfig) -> dict:
+    """Scalar hyperparameters for the trackers (nested dicts flattened with dots, lists as strings)."""
+    flat = {}
+    for key, value in config_to_dict(config).items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub_key, sub_value in items:
+            name = key if sub_key is None else f"{key}.{sub_key}"
+            flat[name] = sub_value if isinstance(sub_value, (int, float, str, bool)) else str(sub_value)
+    return flat

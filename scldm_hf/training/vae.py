@@ -1,0 +1,93 @@
+"""Stage 1: train the `SCVAEModel` on a corpus; the output folder is a `save_pretrained` VAE with its model card."""
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from scldm_hf.data import CellCollator, CorpusInfo
+from scldm_hf.errors import ConfigurationError
+from scldm_hf.loading import load_vae
+from scldm_hf.models import SCVAEConfig, SCVAEModel
+
+from .checkpointing import GeneratorState
+from .config import VAETrainingConfig
+from .data import build_dataloader, prepare_corpus, split_train_validation
+from .hub import publish_model_folder
+from .loop import build_accelerator, build_lr_scheduler, build_optimizer, train_loop
+from .model_card import VAE_TEMPLATE, DataProvenance, render_model_card
+
+MAX_EVALUATION_CELLS = 2000
+
+
+def train_vae(config: VAETrainingConfig) -> SCVAEModel:
+    """Train (or, with ``init_from``, fine-tune) the VAE, save it in ``config.output_dir`` and return it."""
+    accelerator = build_accelerator(config)
+    set_seed(config.seed)
+    if config.init_from is not None and config.model:
+        raise ConfigurationError(
+            f"init_from={config.init_from!r} fixes the architecture; remove the model options {sorted(config.model)}."
+        )
+    model = load_vae(config.init_from) if config.init_from else None
+    dataset, info = prepare_corpus(config, accelerator, vocab=model.gene_vocab if model else None)
+    if model is None:
+        model = SCVAEModel(SCVAEConfig(gene_names=info.genes, **config.model))
+    train, validation = split_train_validation(dataset, config.validation_fraction, config.seed)
+
+    collator = CellCollator.from_corpus_info(info, covariates=[], max_genes=config.max_genes, seed=config.seed)
+    dataloader = build_dataloader(train, config, collator)
+    optimizer = build_optimizer(model, config)
+    lr_scheduler = build_lr_scheduler(optimizer, config, accelerator.num_processes)
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    set_seed(config.seed, device_specific=True)
+    train_loop(accelerator, config, model, optimizer, lr_scheduler, dataloader, vae_losses,
+               checkpointed=[GeneratorState(collator.generator)])
+
+    vae = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        vae.save_pretrained(config.output_dir)
+        metrics = evaluate_vae(vae, validation, info, config.batch_size) if validation is not None else {}
+        accelerator.log({f"final/{name}": value for name, value in metrics.items()}, step=config.max_train_steps)
+        provenance = DataProvenance.from_corpus(info, len(train), len(validation or []))
+        publish_model_folder(config, render_model_card(
+            VAE_TEMPLATE, config, provenance, metrics, library_name="transformers", base_model=config.init_from,
+            num_latent_tokens=vae.config.num_latent_tokens, latent_dim=vae.config.latent_dim,
+            likelihood=vae.config.likelihood,
+        ))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return vae
+
+
+def vae_losses(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """The VAE objective of a `CellCollator` batch, with its terms for logging."""
+    output = model(**batch)
+    losses = {"loss": output.loss, "reconstruction_loss": output.reconstruction_loss}
+    if output.kl_loss is not None:
+        losses["kl_loss"] = output.kl_loss
+    return losses
+
+
+@torch.no_grad()
+def evaluate_vae(vae: SCVAEModel, validation, info: CorpusInfo, batch_size: int) -> dict[str, float]:
+    """Validation loss and reconstruction metrics (`scldm_hf.evaluation.reconstruction_metrics`) of held-out cells."""
+    # imported here: scldm_hf.evaluation pulls in scanpy and matplotlib, which training itself never needs
+    from scldm_hf.evaluation import reconstruction_metrics
+
+    vae.eval()
+    cells = validation.select(range(min(len(validation), MAX_EVALUATION_CELLS)))
+    loader = DataLoader(cells, batch_size=batch_size, collate_fn=CellCollator.from_corpus_info(info, covariates=[]))
+    losses, counts, means, inverse_dispersions = [], [], [], []
+    for batch in loader:
+        batch = {name: value.to(vae.device) for name, value in batch.items()}
+        output = vae(**batch)
+        losses.append(output.loss.item() * len(batch["library_size"]))
+        counts.append(batch["panel_counts"])
+        means.append(output.mean)
+        if output.inverse_dispersion is not None:
+            inverse_dispersions.append(output.inverse_dispersion.expand_as(output.mean))
+    metrics = {"validation_loss": float(np.sum(losses) / len(cells))}
+    if inverse_dispersions:
+        metrics |= reconstruction_metrics(torch.cat(counts).cpu(), torch.cat(means).cpu(), torch.cat(inverse_dispersions).cpu())
+    return metrics
+

@@ -1,0 +1,247 @@
+"""Training infrastructure: configs, checkpoints, exact resume after crashes, multi-process CPU training.
+
+Exactness: on CPU with one thread every kernel here is deterministic, and every random source is restored on resume
+(weights, AdamW moments, LR scheduler, EMA, torch/numpy/python RNG states, the data order — a function of seed and
+epoch — and the position in the epoch), so resumed runs are compared with uninterrupted ones bit for bit (atol=0).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scldm_hf.data import anndata_to_corpus
+from scldm_hf.errors import CheckpointError, ConfigurationError
+from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config, parse_overrides
+from scldm_hf.training.checkpointing import WRITE_DELAY_ENV, list_checkpoints
+from scldm_hf.training.dit import train_dit
+from scldm_hf.training.loop import build_accelerator
+from scldm_hf.training.vae import train_vae
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "training" / "configs" / "tiny.yaml"
+NUM_CELLS = 200
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as in the subprocesses (OMP_NUM_THREADS=1): identical reductions, a quiet machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, pbmc_counts):
+    """A corpus of the first 200 PBMC cells (765 genes, covariate cell_type)."""
+    path = tmp_path_factory.mktemp("corpus") / "pbmc200"
+    anndata_to_corpus(pbmc_counts[:NUM_CELLS].copy(), path, covariates=["cell_type"])
+    return path
+
+
+def tiny_config(config_class, section: str, **overrides):
+    return load_config(config_class, TINY, overrides, section=section)
+
+
+@pytest.fixture(scope="module")
+def trained_vae(corpus, tmp_path_factory):
+    """The tiny VAE trained 12 steps without interruption (checkpoints every 4 steps)."""
+    output_dir = tmp_path_factory.mktemp("vae") / "vae"
+    train_vae(tiny_config(VAETrainingConfig, "vae", data=str(corpus), output_dir=str(output_dir)))
+    return output_dir
+
+
+def test_overrides_are_parsed_typed_and_nested():
+    config_path, overrides = parse_overrides(
+        ["--config", "a.yaml", "--learning-rate", "2e-4", "model.hidden_size=32", "--push_to_hub", "--covariates",
+         "[cell_type, condition]", "--hub_model_id=me/model"]
+    )
+    assert config_path == "a.yaml"
+    assert overrides == {"learning_rate": "2e-4", "model.hidden_size": 32, "push_to_hub": True,
+                         "covariates": ["cell_type", "condition"], "hub_model_id": "me/model"}
+    config = load_config(VAETrainingConfig, TINY, overrides | {"output_dir": "out"}, section="vae")
+    assert config.learning_rate == 2e-4 and isinstance(config.learning_rate, float)
+    assert config.model["hidden_size"] == 32 and config.model["latent_dim"] == 8  # YAML section kept, one key overridden
+    assert config.batch_size == 10 and config.push_to_hub
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_sise": 8}, "unknown option"),
+        ({"batch_size": 0}, "batch_size=0 must be > 0"),
+        ({"batch_size": "many"}, "not a valid int"),
+        ({"lr_warmup_steps": 100}, "lr_warmup_steps=100"),
+        ({"push_to_hub": True}, "hub_model_id"),
+        ({"mixed_precision": "fp32"}, "mixed_precision"),
+    ],
+)
+def test_invalid_config_values_are_rejected(overrides, message):
+    with pytest.raises(ConfigurationError, match=message):
+        tiny_config(VAETrainingConfig, "vae", **overrides)
+
+
+def test_missing_required_option_is_named():
+    with pytest.raises(ConfigurationError, match=r"needs \['data', 'output_dir'\]"):
+        load_config(VAETrainingConfig, overrides={})
+
+
+def test_vae_run_saves_model_checkpoints_and_metrics(trained_vae):
+    assert [path.name for path in list_checkpoints(trained_vae / "checkpoints")] == ["checkpoint-8", "checkpoint-12"]
+    final = load_file(trained_vae / "model.safetensors")
+    checkpoint = load_file(trained_vae / "checkpoints" / "checkpoint-12" / "model.safetensors")
+    assert all(torch.equal(final[name], checkpoint[name]) for name in final)
+    logged = (trained_vae / "logs" / "metrics.csv").read_text().splitlines()
+    assert logged[0] == "step,metric,value"
+    assert {row.split(",")[0] for row in logged[1:]} == {"2", "4", "6", "8", "10", "12"}
+    assert any(row.startswith("12,final/nb_nll_per_cell,") for row in logged)
+
+
+def test_crash_then_resume_matches_uninterrupted_dit_run(trained_vae, corpus, tmp_path, monkeypatch):
+    """DiT with EMA, gradient accumulation and random noise: 11 micro-batches per epoch, 12 steps span 2 epochs; the
+    crash lands in epoch 1 and the resume starts from checkpoint-4 in the middle of epoch 0."""
+    import scldm_hf.training.dit as dit
+
+    settings = {"data": str(corpus), "vae_name_or_path": str(trained_vae), "batch_size": 16,
+                "gradient_accumulation_steps": 2}
+    reference = train_dit(tiny_config(DiTTrainingConfig, "dit", output_dir=str(tmp_path / "reference"), **settings))
+
+    class SimulatedCrash(Exception):
+        pass
+
+    original_loss, calls = dit.flow_matching_loss, []
+
+    def crash_at_batch_15(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 15:  # epoch 1, before optimizer step 8 (steps end at micro-batches 2, 4, .., 10, 11)
+            raise SimulatedCrash
+        return original_loss(*args, **kwargs)
+
+    crashed_dir = tmp_path / "crashed"
+    config = tiny_config(DiTTrainingConfig, "dit", output_dir=str(crashed_dir), **settings)
+    with monkeypatch.context() as patch:
+        patch.setattr(dit, "flow_matching_loss", crash_at_batch_15)
+        with pytest.raises(SimulatedCrash):
+            train_dit(config)
+    assert [path.name for path in list_checkpoints(crashed_dir / "checkpoints")] == ["checkpoint-4"]
+    cache_file = next((crashed_dir / "latent_cache").glob("*.arrow"))
+    cache_mtime = cache_file.stat().st_mtime_ns
+
+    config.resume_from_checkpoint = "latest"
+    resumed = train_dit(config)
+    assert cache_file.stat().st_mtime_ns == cache_mtime, "the latent cache was re-encoded instead of reused"
+    expected, actual = reference.transformer.state_dict(), resumed.transformer.state_dict()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_sigkill_during_checkpoint_write_then_resume(trained_vae, corpus, tmp_path):
+    """kill -9 while checkpoint-8 is being written: checkpoint-4 stays usable and the resumed run ends bit-identical
+    to the uninterrupted one."""
+    output_dir = tmp_path / "killed"
+    command = [sys.executable, str(REPO / "training" / "train_vae.py"), "--config", str(TINY),
+               "--data", str(corpus), "--output_dir", str(output_dir)]
+    env = os.environ | {WRITE_DELAY_ENV: "4", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    partial = output_dir / "checkpoints" / ".tmp-checkpoint-8"
+    deadline = time.monotonic() + 120
+    while not (partial / "model.safetensors").is_file():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "checkpoint-8 was never started"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    assert [path.name for path in list_checkpoints(output_dir / "checkpoints")] == ["checkpoint-4"]
+    assert partial.is_dir()
+
+    resumed = train_vae(tiny_config(VAETrainingConfig, "vae", data=str(corpus), output_dir=str(output_dir),
+                                    resume_from_checkpoint="latest"))
+    assert not partial.exists()
+    assert [path.name for path in list_checkpoints(output_dir / "checkpoints")] == ["checkpoint-8", "checkpoint-12"]
+    expected = load_file(trained_vae / "model.safetensors")
+    for name, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_with_other_batch_size_is_refused(trained_vae, corpus, tmp_path):
+    import shutil
+
+    output_dir = tmp_path / "other"
+    shutil.copytree(trained_vae / "checkpoints", output_dir / "checkpoints")
+    config = tiny_config(VAETrainingConfig, "vae", data=str(corpus), output_dir=str(output_dir), batch_size=20,
+                         resume_from_checkpoint="latest")
+    with pytest.raises(CheckpointError, match="total batch of 10 cells; this run has 1 and 20"):
+        train_vae(config)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+WORKER = """
+import json, os, sys
+from safetensors.torch import save_file
+from scldm_hf.data import CellCollator
+from scldm_hf.training import VAETrainingConfig, load_config
+from scldm_hf.training.vae import train_vae
+
+seen = []
+collate = CellCollator.__call__
+def record_then_collate(self, rows):
+    seen.extend(row["cell_id"] for row in rows)
+    return collate(self, rows)
+CellCollator.__call__ = record_then_collate
+
+config = load_config(VAETrainingConfig, sys.argv[1], json.loads(sys.argv[2]), section="vae")
+model = train_vae(config)
+rank = os.environ["RANK"]
+with open(f"{config.output_dir}/cells_rank{rank}.json", "w") as file:
+    json.dump(seen, file)
+save_file(model.state_dict(), f"{config.output_dir}/weights_rank{rank}.safetensors")
+"""
+
+
+def test_two_cpu_processes_train_one_model_on_disjoint_halves(corpus, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: one epoch of 200 cells, 10 per batch and process."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    output_dir = tmp_path / "ddp"
+    overrides = {"output_dir": str(output_dir), "data": str(corpus), "validation_fraction": 0, "max_train_steps": 10}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), str(worker), str(TINY), json.dumps(overrides)]
+    result = subprocess.run(command, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    cells = [set(json.loads((output_dir / f"cells_rank{rank}.json").read_text())) for rank in (0, 1)]
+    assert len(cells[0]) == len(cells[1]) == NUM_CELLS // 2
+    assert not cells[0] & cells[1]
+    assert len(cells[0] | cells[1]) == NUM_CELLS
+    weights = [load_file(output_dir / f"weights_rank{rank}.safetensors") for rank in (0, 1)]
+    saved = load_file(output_dir / "model.safetensors")
+    initial = load_file(output_dir / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    for name in saved:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+        assert torch.equal(weights[0][name], saved[name]), name
+    assert any(not torch.equal(initial[name], saved[name]) for name in saved)
+
+
+def test_multi_process_launch_without_cpu_flag_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = tiny_config(VAETrainingConfig, "vae", output_dir=str(tmp_path))
+    with pytest.raises(ConfigurationError, match="pass --cpu"):
+        build_accelerator(config)
