@@ -34,7 +34,9 @@ def iter_row_chunks(matrix, chunk_size: int, desc: str | None = None) -> Iterato
     n_rows = matrix.shape[0]
     with tqdm(total=n_rows, desc=desc, unit="cells", disable=desc is None) as bar:
         for start in range(0, n_rows, chunk_size):
-            chunk = sp.csr_matrix(matrix[start : start + chunk_size])
+            rows = matrix[start : start + chunk_size]
+            # scipy.sparse has no float16: widen such rows to float32 (exact for every float16 value)
+            chunk = sp.csr_matrix(rows, dtype=np.float32 if rows.dtype == np.float16 else None)
             yield start, chunk
             bar.update(chunk.shape[0])
 
@@ -333,4 +335,34 @@ def check_panel_counts(panel_counts: torch.Tensor, expected_shape: tuple[int, ..
         raise InputDataError(
             f"panel_counts hold {int(bad.sum())} negative or non-finite values (first in cell {_first_cell(bad)}): "
             f"{RAW_COUNTS_FIX}."
+        )
+
+
+# --- Value ranges and evaluation labels ---
+
+MAX_COUNT = int(np.iinfo(np.int32).max)  # counts are stored as int32 (docs/DESIGN.md, dataset rows)
+
+
+def check_count_range(chunk: sp.csr_matrix, obs_names: Sequence[str], where: str = "X") -> None:
+    """Raise ``InputDataError`` if a CSR row chunk ``[n_cells, n_vars]`` holds a count above ``MAX_COUNT``, which the
+    int32 count columns cannot store (it would wrap around to a negative or zero count)."""
+    values = chunk.data
+    if values.size and values.dtype.kind in "iuf":
+        bad = np.flatnonzero(values > MAX_COUNT)
+        if bad.size:
+            raise InputDataError(
+                f"{where} holds counts above {MAX_COUNT} (e.g. {values[bad[0]]:g} in cell "
+                f"{_cell_of_value(chunk, bad[0], obs_names)!r}), more than one gene of one cell can have: the "
+                f"matrix is corrupted or not counts; {RAW_COUNTS_FIX}."
+            )
+
+
+def check_classifier_labels(labels: Sequence[str], name: str, key: str) -> None:
+    """Raise ``ConditionError`` unless the cells ``name`` have at least two distinct labels in column ``key``
+    (a classifier scored on them needs two classes)."""
+    classes = pd.unique(np.asarray(labels))
+    if len(classes) < 2:
+        raise ConditionError(
+            f"The {name} cells have {len(classes)} label(s) in {key!r} ({_examples(list(classes))}): the cell-type "
+            f"classifier needs at least two; generate cells of several labels, or pass another cell_type_key."
         )

@@ -30,6 +30,7 @@ from datasets.utils.py_utils import convert_file_size_to_int
 from ..errors import ConditionError, ConfigurationError, InputDataError
 from ..validation import (
     check_count_chunk,
+    check_count_range,
     check_covariate_columns,
     check_matrix_dtype,
     check_no_empty_cells,
@@ -207,6 +208,7 @@ class _CellBatches:
             chunk.eliminate_zeros()
             chunk.sort_indices()
             check_count_chunk(chunk, self._obs_names[cells], self.source.where)
+            check_count_range(chunk, self._obs_names[cells], self.source.where)
             chunk = chunk.astype(np.int32, copy=False)
             empty_cells.extend(self._obs_names[cells][np.diff(chunk.indptr) == 0])
             yield self._record_batch(chunk, cells)

@@ -14,6 +14,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from ..errors import ConditionError
+from ..validation import check_classifier_labels
 from .classifiers import cell_type_f1, real_vs_generated_auroc
 from .distribution import distribution_metrics
 from .genes import gene_correlation_agreement, gene_moment_agreement
@@ -128,6 +129,7 @@ def evaluate_generation(
     cell_type_key = condition_key if cell_type_key is None else cell_type_key
     real_types = condition_labels(real, cell_type_key)
     generated_types = condition_labels(generated, cell_type_key)
+    check_classifier_labels(generated_types, "generated", cell_type_key)
     table.loc["mean", "cell_type_f1_generated"] = cell_type_f1(
         generated_pcs, generated_types, real_pcs, real_types, seed=seed
     )

@@ -23,6 +23,7 @@ from sklearn.model_selection import train_test_split
 
 from scldm_hf.evaluation.baselines import NaiveNBBaseline, ScviGenerator
 from scldm_hf.evaluation.evaluate import evaluate_generation, summarize
+from scldm_hf.loading import load_pipeline
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
 from scldm_hf.training.dit import train_dit
 from scldm_hf.training.vae import train_vae
@@ -83,8 +84,6 @@ def run_side_by_side(
     recipe_overrides: dict | None = None,
 ) -> SideBySideResult:
     """Fit every model on `train`, generate `test`'s label composition, evaluate each (and `floor`) against `test`."""
-    from scldm_hf.pipelines import SCLDMPipeline
-
     output_dir = Path(output_dir)
     labels = test.obs[label_key].astype(str).to_numpy()
     generated, wall_time = {}, {}
@@ -93,7 +92,7 @@ def run_side_by_side(
 
     start = time.perf_counter()
     pipeline_dir = train_scldm(train, label_key, recipe, output_dir / "scldm", recipe_overrides)
-    pipe = SCLDMPipeline.from_pretrained(pipeline_dir)
+    pipe = load_pipeline(pipeline_dir)
     generated["scLDM"] = pipe(
         conditions={label_key: list(labels)},
         guidance_scale=guidance_scale,

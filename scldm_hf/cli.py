@@ -1,0 +1,151 @@
+"""The ``scldm`` command line: convert, train, generate, evaluate.
+
+Every ``SCLDMError`` is printed as one line (``error: ...``) with exit code 2; ``--debug`` shows the traceback.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from scldm_hf.errors import ConfigurationError, InputDataError, SCLDMError
+
+
+def _parse_conditions(pairs: list[str], num_cells: int) -> dict[str, list[str]] | None:
+    """``["cell_type=B", "condition=stimulated"]`` -> ``{"cell_type": ["B"] * n, ...}``."""
+    if not pairs:
+        return None
+    conditions = {}
+    for pair in pairs:
+        key, sep, label = pair.partition("=")
+        if not sep or not key or not label:
+            raise ConfigurationError(f"--condition {pair!r} is not KEY=LABEL; write e.g. --condition cell_type='CD14+ Monocyte'.")
+        conditions[key] = [label] * num_cells
+    return conditions
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Reports bad command lines as a ``ConfigurationError``, so they print as one ``error:`` line like any other."""
+
+    def error(self, message: str):
+        raise ConfigurationError(f"{message} (see `{self.prog} --help`)")
+
+
+def _convert(args) -> str:
+    from scldm_hf.data import anndata_to_corpus
+    from scldm_hf.data.corpus import DEFAULT_MIN_VOCAB_OVERLAP
+    from scldm_hf.loading import load_gene_vocab
+
+    vocab = load_gene_vocab(args.vocab) if args.vocab else None
+    min_overlap = DEFAULT_MIN_VOCAB_OVERLAP if args.min_vocab_overlap is None else args.min_vocab_overlap
+    info = anndata_to_corpus(
+        args.input, args.output_dir, vocab=vocab, covariates=args.covariate, layer=args.layer,
+        min_vocab_overlap=min_overlap,
+    )
+    return f"corpus of {info.num_cells} cells x {len(info.measured_gene_ids)} genes written to {args.output_dir}"
+
+
+def _generate(args) -> str:
+    import torch
+
+    from scldm_hf.loading import load_pipeline
+    from scldm_hf.validation import check_guidance_scale, check_num_cells
+
+    check_num_cells(args.num_cells)
+    check_guidance_scale(args.guidance_scale, conditioned=[])
+    pipe = load_pipeline(args.model)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    conditions = _parse_conditions(args.condition, args.num_cells)
+    output = pipe(
+        conditions=conditions,
+        num_cells=args.num_cells,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.steps,
+        generator=generator,
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    output.cells.write_h5ad(args.out)
+    return f"{output.cells.n_obs} cells written to {args.out}"
+
+
+def _read_h5ad(path: str, what: str):
+    import anndata
+
+    if not Path(path).is_file():
+        raise InputDataError(f"No {what} .h5ad file at {path}: pass the path of an AnnData written with write_h5ad.")
+    return anndata.read_h5ad(path)
+
+
+def _evaluate(args) -> str:
+    from scldm_hf.evaluation import evaluate_generation
+
+    real = _read_h5ad(args.real, "real")
+    generated = _read_h5ad(args.generated, "generated")
+    table = evaluate_generation(real, generated, condition_key=args.condition_key)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out)
+    print(table.to_string(float_format="{:.4g}".format))
+    return f"metrics written to {args.out}"
+
+
+def _train(args) -> str:
+    from scldm_hf.training import run_training_script
+
+    return run_training_script(args.stage, args.script_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="scldm", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="h5ad/AnnData -> datasets corpus folder")
+    convert.add_argument("input", help="an .h5ad file of raw integer counts")
+    convert.add_argument("output_dir")
+    convert.add_argument("--covariate", action="append", default=[], help="obs column to keep (repeatable)")
+    convert.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
+    convert.add_argument("--vocab", default=None,
+                         help="genes of a model: gene_vocab.json, or a saved VAE/pipeline folder")
+    convert.add_argument("--min-vocab-overlap", type=float, default=None,
+                         help="minimum fraction of vocabulary genes the data must measure (default 0.01)")
+    convert.set_defaults(run=_convert)
+
+    train = commands.add_parser("train", help="train a stage (arguments go to training/train_<stage>.py)")
+    train.add_argument("stage", choices=["vae", "dit", "finetune"])
+    train.add_argument("script_args", nargs=argparse.REMAINDER)
+    train.set_defaults(run=_train)
+
+    generate = commands.add_parser("generate", help="generate cells with a saved SCLDMPipeline")
+    generate.add_argument("model", help="pipeline folder or Hub repo id (from the local cache)")
+    generate.add_argument("--condition", action="append", default=[], help="KEY=LABEL (repeatable)")
+    generate.add_argument("--num-cells", type=int, default=100)
+    generate.add_argument("--guidance-scale", type=float, default=1.0)
+    generate.add_argument("--steps", type=int, default=25)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--out", default="generated.h5ad")
+    generate.set_defaults(run=_generate)
+
+    evaluate = commands.add_parser("evaluate", help="compare generated with real cells")
+    evaluate.add_argument("real")
+    evaluate.add_argument("generated")
+    evaluate.add_argument("--condition-key", required=True)
+    evaluate.add_argument("--out", default="metrics.csv")
+    evaluate.set_defaults(run=_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        print(args.run(args))
+    except SCLDMError as error:
+        if args is not None and args.debug:
+            raise
+        print("error:", " ".join(str(error).split()), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
