@@ -28,6 +28,7 @@ _EXPORTS = {
     "CellConditioner": "scldm_hf.models",
     "SCLDMPipeline": "scldm_hf.pipelines",
     "SCLDMPipelineOutput": "scldm_hf.pipelines",
+    "SCLDMCounterfactualPipeline": "scldm_hf.pipelines",
 }
 
 __all__ = sorted(_EXPORTS)

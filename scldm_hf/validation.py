@@ -161,7 +161,7 @@ def check_vocab_overlap(fraction: float, min_fraction: float) -> None:
 def check_num_cells(num_cells) -> None:
     """Raise ``ConfigurationError`` unless ``num_cells`` is a positive integer."""
     if isinstance(num_cells, bool) or not isinstance(num_cells, (int, np.integer)) or num_cells <= 0:
-        raise ConfigurationError(f"num_cells={num_cells!r} must be a positive integer (the number of cells to generate).")
+        raise ConfigurationError(f"num_cells={num_cells!r} must be a positive integer (how many cells to generate).")
 
 
 def check_conditions(conditions, num_cells: int | None = None) -> pd.DataFrame:
@@ -182,8 +182,8 @@ def check_conditions(conditions, num_cells: int | None = None) -> pd.DataFrame:
         frame = pd.DataFrame(columns)
     else:
         raise ConditionError(
-            f"conditions must be a dict {{covariate: [label, ...]}} or a pandas DataFrame, not {type(conditions).__name__}; "
-            "pass None to generate unconditionally."
+            f"conditions must be a dict {{covariate: [label, ...]}} or a pandas DataFrame, not "
+            f"{type(conditions).__name__}; pass None to generate unconditionally."
         )
     if frame.shape[1] == 0 or len(frame) == 0:
         raise ConditionError(
@@ -280,8 +280,9 @@ def check_gene_tokens(
     empty = ~attention_mask.any(dim=-1)
     if empty.any():
         raise InputDataError(
-            f"{int(empty.sum())} cells have no gene token (first: cell {int(empty.nonzero()[0, 0])}): every cell needs "
-            "at least one expressed vocabulary gene; remove empty cells, e.g. scanpy.pp.filter_cells(adata, min_counts=1)."
+            f"{int(empty.sum())} cells have no gene token (first: cell {int(empty.nonzero()[0, 0])}): every cell "
+            "needs at least one expressed vocabulary gene; remove empty cells, e.g. "
+            "scanpy.pp.filter_cells(adata, min_counts=1)."
         )
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 
 from scldm_hf.data import GeneVocab, anndata_to_dataset, load_pbmc68k_counts
 
@@ -67,3 +68,14 @@ def tiny_vocab() -> GeneVocab:
 def tiny_dataset(tiny_adata):
     """`(datasets.Dataset, CorpusInfo)` of `tiny_adata` with both covariates."""
     return anndata_to_dataset(tiny_adata, covariates=["cell_type", "condition"])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module (opt in with ``pytestmark = pytest.mark.usefixtures(...)``): tiny
+    models train faster on one thread than on two contended ones, and reductions are then bit-reproducible, as in
+    the single-threaded training subprocesses."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,12 +33,7 @@ CELL_TYPE, OTHER_CELL_TYPE = "Dendritic", "CD14+ Monocyte"  # 44 and 22 of the f
 TWO_STEPS = ["--max_train_steps", "2", "--checkpointing_steps", "2", "--logging_steps", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_ok(argv: list[str], capsys) -> str:

@@ -20,12 +20,7 @@ TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml
 HUB_ID = "someone/tiny-scvae"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

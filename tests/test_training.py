@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -31,13 +32,7 @@ TINY = REPO / "training" / "configs" / "tiny.yaml"
 NUM_CELLS = 200
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as in the subprocesses (OMP_NUM_THREADS=1): identical reductions, a quiet machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +137,31 @@ def test_crash_then_resume_matches_uninterrupted_dit_run(trained_vae, corpus, tm
     expected, actual = reference.transformer.state_dict(), resumed.transformer.state_dict()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_dit_models_latents_standardised_with_training_statistics(trained_vae, corpus, tmp_path):
+    """The DiT learns `(z - mean) / std` per latent coordinate; the statistics come from the training cells' latents
+    and travel in the pipeline's VAE config, so a reloaded pipeline decodes on the VAE's own scale."""
+    from scldm_hf.models.modeling_scvae import SCVAEModel
+    from scldm_hf.pipelines import SCLDMPipeline
+    from scldm_hf.training.data import split_train_validation
+
+    output_dir = tmp_path / "pipeline"
+    pipeline = train_dit(tiny_config(DiTTrainingConfig, "dit", output_dir=str(output_dir), data=str(corpus),
+                                     vae_name_or_path=str(trained_vae)))
+    assert SCVAEModel.from_pretrained(trained_vae).config.latents_mean is None, "the stage-1 folder was modified"
+
+    cache = datasets.Dataset.from_file(str(next((output_dir / "latent_cache").glob("*.arrow"))))
+    train, _ = split_train_validation(cache.with_format("numpy", columns=["latents"]), 0.1, 0)
+    latents = torch.from_numpy(train[:]["latents"])
+    standardised = pipeline.vae.normalize_latents(latents)
+    torch.testing.assert_close(standardised.mean(dim=0), torch.zeros_like(latents[0]), rtol=0, atol=1e-3)  # float32 sums
+    torch.testing.assert_close(standardised.std(dim=0), torch.ones_like(latents[0]), rtol=0, atol=1e-3)
+    torch.testing.assert_close(pipeline.vae.denormalize_latents(standardised), latents)
+
+    reloaded = SCLDMPipeline.from_pretrained(output_dir)
+    assert reloaded.vae.config.latents_mean == pipeline.vae.config.latents_mean
+    assert reloaded.vae.config.latents_std == pipeline.vae.config.latents_std
 
 
 def test_sigkill_during_checkpoint_write_then_resume(trained_vae, corpus, tmp_path):

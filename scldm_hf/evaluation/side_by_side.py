@@ -56,15 +56,28 @@ def stratified_split(
     return tuple(adata[np.sort(part)].copy() for part in parts)
 
 
-def train_scldm(train: AnnData, label_key: str, recipe: str | Path, output_dir: Path, overrides: dict | None = None) -> Path:
-    """Both stages on `train` (written as ``output_dir/train.h5ad``) with `recipe`; returns the pipeline folder."""
+def train_scldm(
+    train: AnnData,
+    label_key: str,
+    recipe: str | Path,
+    output_dir: Path,
+    overrides: dict | None = None,
+    dit_overrides: dict | None = None,
+) -> Path:
+    """Both stages on `train` (written as ``output_dir/train.h5ad``) with `recipe`; returns the pipeline folder.
+
+    `overrides` apply to both stages, `dit_overrides` to the DiT stage only.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     train_path = output_dir / "train.h5ad"
     train.write_h5ad(train_path)
     shared = {"covariates": [label_key], **(overrides or {})}
     vae_dir, pipeline_dir = output_dir / "vae", output_dir / "pipeline"
     train_vae(load_config(VAETrainingConfig, recipe, {**shared, "output_dir": str(vae_dir), "data": str(train_path)}, section="vae"))
-    dit_overrides = {**shared, "output_dir": str(pipeline_dir), "data": str(vae_dir / "corpus"), "vae_name_or_path": str(vae_dir)}
+    dit_overrides = {
+        **shared, **(dit_overrides or {}),
+        "output_dir": str(pipeline_dir), "data": str(vae_dir / "corpus"), "vae_name_or_path": str(vae_dir),
+    }
     train_dit(load_config(DiTTrainingConfig, recipe, dit_overrides, section="dit"))
     return pipeline_dir
 

@@ -125,6 +125,8 @@ class DiTTrainingConfig(TrainingConfig):
         model: `LatentDiTTransformer` keyword arguments (latent shape and label counts come from the VAE and corpus).
         condition_on: Corpus covariates the DiT is conditioned on (default: all of them).
         condition_dropout: Probability of replacing a cell's labels by the null label (classifier-free guidance).
+        condition_dropout_mode: ``"joint"`` drops all of a cell's labels together; ``"independent"`` drops each
+            covariate on its own, which lets the model compose covariates (unseen cell type x perturbation pairs).
         use_ema / ema_decay: Keep an exponential moving average of the DiT weights; the EMA weights are saved.
         encode_batch_size: Batch size of the one-off encoding of the corpus into cached latents.
         num_eval_cells: Cells generated at the end and compared with held-out cells for the model card (0 = skip).
@@ -134,6 +136,7 @@ class DiTTrainingConfig(TrainingConfig):
     model: dict = field(default_factory=dict)
     condition_on: list[str] | None = None
     condition_dropout: float = 0.1
+    condition_dropout_mode: str = "joint"
     use_ema: bool = True
     ema_decay: float = 0.999
     encode_batch_size: int = 256
@@ -144,6 +147,7 @@ class DiTTrainingConfig(TrainingConfig):
         super().__post_init__()
         if not 0 <= self.condition_dropout <= 1:
             raise ConfigurationError(f"condition_dropout={self.condition_dropout} must be in [0, 1].")
+        _check_choice("condition_dropout_mode", self.condition_dropout_mode, ("joint", "independent"))
         if not 0 < self.ema_decay < 1:
             raise ConfigurationError(f"ema_decay={self.ema_decay} must be in (0, 1).")
         if self.num_eval_cells < 0:

@@ -3,7 +3,7 @@
 import hashlib
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -137,14 +137,19 @@ def corpus_to_anndata(dataset: datasets.Dataset, info: CorpusInfo, covariates: S
 
 
 class LatentCollator:
-    """Latent-cache rows -> ``{"latents": [B, T, D], "covariates": {name: LongTensor [B]}}``."""
+    """Latent-cache rows -> ``{"latents": [B, T, D], "covariates": {name: LongTensor [B]}}``.
 
-    def __init__(self, covariates: Sequence[str]):
+    `normalize` (e.g. `SCVAEModel.normalize_latents`) maps the cached VAE latents to the space the DiT models.
+    """
+
+    def __init__(self, covariates: Sequence[str], normalize: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.covariates = list(covariates)
+        self.normalize = normalize
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
+        latents = torch.stack([torch.as_tensor(row["latents"]) for row in rows])
         return {
-            "latents": torch.stack([torch.as_tensor(row["latents"]) for row in rows]),
+            "latents": latents if self.normalize is None else self.normalize(latents),
             "covariates": {name: torch.tensor([int(row[name]) for row in rows]) for name in self.covariates},
         }
 

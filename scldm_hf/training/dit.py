@@ -6,7 +6,7 @@ is fitted on the training cells; the DiT is trained with an EMA of its weights; 
 """
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import datasets
 import numpy as np
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from scldm_hf.data import CorpusInfo
 from scldm_hf.errors import ConditionError, ConfigurationError
 from scldm_hf.evaluation import METRIC_DESCRIPTIONS, evaluate_generation
-from scldm_hf.flow_matching import flow_matching_loss
+from scldm_hf.flow_matching import DropoutMode, flow_matching_loss
 from scldm_hf.loading import load_vae
 from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.models.modeling_scvae import SCVAEModel
@@ -44,6 +44,9 @@ from .model_card import PIPELINE_TEMPLATE, DataProvenance, render_model_card
 
 logger = get_logger(__name__)
 
+# cells whose latents give the standardisation statistics (enough for T x D means and stds)
+MAX_STATISTICS_CELLS = 50_000
+
 
 class FlowMatchingObjective(nn.Module):
     """The DiT's training forward, ``latents [B, T, D]`` + label ids -> flow-matching loss (scalar).
@@ -51,13 +54,17 @@ class FlowMatchingObjective(nn.Module):
     Wrapping the loss in a module lets Accelerate's DDP wrapper and autocast see the whole training forward.
     """
 
-    def __init__(self, transformer: LatentDiTTransformer, condition_dropout: float):
+    def __init__(self, transformer: LatentDiTTransformer, condition_dropout: float, dropout_mode: DropoutMode):
         super().__init__()
         self.transformer = transformer
         self.condition_dropout = condition_dropout
+        self.dropout_mode = dropout_mode
 
     def forward(self, latents: torch.Tensor, covariates: dict[str, torch.LongTensor]) -> torch.Tensor:
-        return flow_matching_loss(self.transformer, latents, covariates, condition_dropout=self.condition_dropout)
+        return flow_matching_loss(
+            self.transformer, latents, covariates,
+            condition_dropout=self.condition_dropout, dropout_mode=self.dropout_mode,
+        )
 
 
 def train_dit(config: DiTTrainingConfig) -> SCLDMPipeline:
@@ -117,6 +124,10 @@ def fit_latent_dit(
     cache = encode_latent_cache(vae, dataset, info, config.output_dir, config.encode_batch_size, accelerator)
     cache = cache.with_format("numpy", columns=["latents", *covariates])
     train, validation = split_train_validation(cache, config.validation_fraction, config.seed)
+    if vae.config.latents_mean is None:
+        # standardise per latent coordinate with training-cell statistics (a fine-tuned pipeline keeps its own)
+        statistics_cells = train.select(range(min(len(train), MAX_STATISTICS_CELLS)))
+        vae.set_latent_statistics(torch.from_numpy(statistics_cells[:]["latents"]))
     if conditioner is None:
         conditioner = CellConditioner.from_dataset(train.with_format(None), covariates)
 
@@ -126,8 +137,8 @@ def fit_latent_dit(
     if config.use_ema:
         ema = EMAModel(transformer.parameters(), decay=config.ema_decay, model_cls=LatentDiTTransformer,
                        model_config=transformer.config)
-    objective = FlowMatchingObjective(transformer, config.condition_dropout)
-    dataloader = build_dataloader(train, config, LatentCollator(covariates))
+    objective = FlowMatchingObjective(transformer, config.condition_dropout, config.condition_dropout_mode)
+    dataloader = build_dataloader(train, config, LatentCollator(covariates, normalize=vae.normalize_latents))
     optimizer = build_optimizer(objective, config, frozen_from_decay=frozen_weights)
     lr_scheduler = build_lr_scheduler(optimizer, config, accelerator.num_processes)
     objective, optimizer, dataloader, lr_scheduler = accelerator.prepare(objective, optimizer, dataloader, lr_scheduler)
@@ -175,7 +186,7 @@ def evaluate_pipeline(pipeline: SCLDMPipeline, validation: datasets.Dataset, cor
                       info: CorpusInfo, covariates: list[str], config: DiTTrainingConfig) -> dict[str, float]:
     """Held-out flow-matching loss, plus generation metrics when ``num_eval_cells`` > 0 (for the model card)."""
     metrics = {"validation_flow_matching_loss": validation_flow_matching_loss(
-        pipeline.transformer, validation, covariates, config.batch_size, config.seed)}
+        pipeline.transformer, validation, covariates, config.batch_size, config.seed, pipeline.vae.normalize_latents)}
     if config.num_eval_cells:
         metrics |= generation_metrics(pipeline, corpus_validation, info, covariates, config)
     return metrics
@@ -183,12 +194,13 @@ def evaluate_pipeline(pipeline: SCLDMPipeline, validation: datasets.Dataset, cor
 
 @torch.no_grad()
 def validation_flow_matching_loss(transformer: LatentDiTTransformer, validation: datasets.Dataset,
-                                  covariates: list[str], batch_size: int, seed: int) -> float:
+                                  covariates: list[str], batch_size: int, seed: int,
+                                  normalize: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """Flow-matching loss on held-out latents with fixed noise and no label dropout (comparable across runs)."""
     transformer.eval()
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
-    for batch in DataLoader(validation, batch_size=batch_size, collate_fn=LatentCollator(covariates)):
+    for batch in DataLoader(validation, batch_size=batch_size, collate_fn=LatentCollator(covariates, normalize)):
         latents = batch["latents"].to(transformer.device)
         labels = {name: ids.to(transformer.device) for name, ids in batch["covariates"].items()}
         loss = flow_matching_loss(transformer, latents, labels, condition_dropout=0.0, generator=generator)

@@ -1,0 +1,33 @@
+"""scLDM models. Importing this package registers the VAE with the transformers Auto classes.
+
+`AutoModel.from_pretrained(path)` then loads a saved `SCVAEModel` in-process; saved checkpoints also carry the model
+code and an `auto_map`, so `AutoModel.from_pretrained(path, trust_remote_code=True)` works without importing
+`scldm_hf.models` first (the `scldm_hf` package must still be installed).
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_scvae import SCVAEConfig
+from .modeling_scvae import (
+    SCVAEDecoderOutput,
+    SCVAEEncoderOutput,
+    SCVAEModel,
+    SCVAEOutput,
+    negative_binomial_log_prob,
+    sample_negative_binomial,
+)
+
+AutoConfig.register(SCVAEConfig.model_type, SCVAEConfig, exist_ok=True)
+AutoModel.register(SCVAEConfig, SCVAEModel, exist_ok=True)
+SCVAEConfig.register_for_auto_class()
+SCVAEModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "SCVAEConfig",
+    "SCVAEDecoderOutput",
+    "SCVAEEncoderOutput",
+    "SCVAEModel",
+    "SCVAEOutput",
+    "negative_binomial_log_prob",
+    "sample_negative_binomial",
+]

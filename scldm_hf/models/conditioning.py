@@ -1,0 +1,196 @@
+"""Covariate vocabularies and the library-size model of an `SCLDMPipeline`.
+
+`CellConditioner` turns human-readable conditions (`{"cell_type": ["B", "NK"]}` or a DataFrame) into the label ids the
+`LatentDiTTransformer` consumes, and samples the library size the VAE decoder scales its gene means with. Label
+`covariate_labels[name][i]` has id `i`; id `len(covariate_labels[name])` is the null label, as in the transformer.
+"""
+
+import numpy as np
+import pandas as pd
+import torch
+from datasets import ClassLabel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from scldm_hf.errors import ConditionError, InputDataError
+from scldm_hf.validation import check_conditions
+
+_WILDCARD = -1  # group_label_ids entry of a covariate added after the library-size fit: matches any label
+_MAX_LISTED_LABELS = 30
+
+
+class CellConditioner(ModelMixin, ConfigMixin):
+    r"""Covariate label vocabularies and a per-condition log-normal library-size model.
+
+    The library-size model keeps, for every combination of labels seen among the training cells (a *group*), the
+    number of cells and the mean and variance of their log library size (persistent buffers, columns in
+    `covariate_names` order):
+
+        group_label_ids [C, K]   group_num_cells [C]   group_log_mean [C]   group_log_var [C]
+
+    Library sizes for given labels are drawn from the log-normal fitted to the pooled cells of the matching groups;
+    covariates that are not given (or given as null) match any label, and label combinations never seen in training
+    fall back to the fit over all cells.
+
+    Args:
+        covariate_labels (`dict[str, list[str]]`, *optional*): The labels of each covariate.
+        num_library_size_groups (`int`, defaults to 1): Number `C` of groups (set by `fit_library_size`).
+    """
+
+    @register_to_config
+    def __init__(self, covariate_labels: dict[str, list[str]] | None = None, num_library_size_groups: int = 1):
+        super().__init__()
+        covariate_labels = {name: list(labels) for name, labels in (covariate_labels or {}).items()}
+        self.register_to_config(covariate_labels=covariate_labels)
+        num_covariates = len(covariate_labels)
+        self.register_buffer("group_label_ids", torch.zeros(num_library_size_groups, num_covariates, dtype=torch.long))
+        self.register_buffer("group_num_cells", torch.ones(num_library_size_groups))
+        self.register_buffer("group_log_mean", torch.zeros(num_library_size_groups))
+        self.register_buffer("group_log_var", torch.zeros(num_library_size_groups))
+
+    @property
+    def covariate_names(self) -> list[str]:
+        """Covariate names, sorted (the column order of `group_label_ids`)."""
+        return sorted(self.config.covariate_labels)
+
+    @property
+    def num_labels(self) -> dict[str, int]:
+        """`{name: number of labels}`, i.e. `LatentDiTTransformer.config.covariate_num_labels`."""
+        return {name: len(labels) for name, labels in self.config.covariate_labels.items()}
+
+    @classmethod
+    def from_dataset(cls, dataset, covariates: list[str] | None = None) -> "CellConditioner":
+        """Labels from the `ClassLabel` columns of a cell `datasets.Dataset` (all of them by default) and the
+        library-size model fitted to its `library_size` column."""
+        if covariates is None:
+            covariates = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
+        missing = [name for name in covariates if not isinstance(dataset.features.get(name), ClassLabel)]
+        if missing:
+            raise ConditionError(
+                f"Covariate column(s) {missing} are not ClassLabel columns of the dataset (columns: "
+                f"{list(dataset.features)}); convert the data with anndata_to_dataset(..., covariates=[...])."
+            )
+        conditioner = cls(covariate_labels={name: dataset.features[name].names for name in covariates})
+        conditioner.fit_library_size(
+            {name: torch.as_tensor(np.asarray(dataset[name])) for name in covariates},
+            torch.as_tensor(np.asarray(dataset["library_size"])),
+        )
+        return conditioner
+
+    def fit_library_size(self, covariates: dict[str, torch.LongTensor], library_size: torch.Tensor) -> None:
+        """Fit the log-normal of every label combination to training cells.
+
+        Args:
+            covariates (`dict[str, torch.LongTensor [N]]`): Label ids of every covariate.
+            library_size (`torch.Tensor [N]`): Total counts of each cell (> 0).
+        """
+        self._check_covariate_keys(covariates, require_all=True)
+        library_size = torch.as_tensor(library_size, dtype=torch.float64)
+        num_empty = int((library_size <= 0).sum())
+        if num_empty:
+            raise InputDataError(
+                f"{num_empty} of {len(library_size)} cells have library size <= 0; a log-normal cannot be fitted. "
+                "Remove empty cells first, e.g. scanpy.pp.filter_cells(adata, min_counts=1)."
+            )
+        num_cells = len(library_size)
+        if self.covariate_names:
+            label_ids = torch.stack([torch.as_tensor(covariates[name]).long() for name in self.covariate_names], 1)
+            group_label_ids, group_of_cell = torch.unique(label_ids.cpu(), dim=0, return_inverse=True)
+        else:
+            group_label_ids = torch.zeros(1, 0, dtype=torch.long)
+            group_of_cell = torch.zeros(num_cells, dtype=torch.long)
+        num_groups = len(group_label_ids)
+        log_size = library_size.log().cpu()
+        group_num_cells = torch.bincount(group_of_cell, minlength=num_groups).double()
+        group_log_mean = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_of_cell, log_size)
+        group_log_mean /= group_num_cells
+        group_log_var = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_of_cell, log_size**2)
+        group_log_var = (group_log_var / group_num_cells - group_log_mean**2).clamp_min(0)
+
+        dtype, device = self.group_log_mean.dtype, self.group_log_mean.device
+        self.group_label_ids = group_label_ids.to(device)
+        self.group_num_cells = group_num_cells.to(device, dtype)
+        self.group_log_mean = group_log_mean.to(device, dtype)
+        self.group_log_var = group_log_var.to(device, dtype)
+        self.register_to_config(num_library_size_groups=num_groups)
+
+    def encode(
+        self, conditions: dict[str, list[str]] | pd.DataFrame, num_cells: int | None = None
+    ) -> dict[str, torch.LongTensor]:
+        """Label names -> ids `{name: LongTensor [N]}` (see `scldm_hf.validation.check_conditions` for the
+        accepted forms). Unknown covariates or labels raise `ConditionError` listing the known ones."""
+        frame = check_conditions(conditions, num_cells)
+        self._check_covariate_keys(frame, require_all=False)
+        label_ids = {}
+        for name in frame.columns:
+            known = self.config.covariate_labels[name]
+            ids = pd.Categorical(frame[name], categories=known).codes
+            unknown = frame[name][ids < 0]
+            if len(unknown):
+                raise ConditionError(
+                    f"Unknown label(s) {sorted(map(str, unknown.unique()))} for covariate {name!r} "
+                    f"({len(unknown)} cells, first at row {int(np.flatnonzero(ids < 0)[0])}); known labels: "
+                    f"{_list_labels(known)}. Use a known label, or add it with `add_condition_labels` and fine-tune."
+                )
+            label_ids[name] = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return label_ids
+
+    def sample_library_size(
+        self, covariates: dict[str, torch.LongTensor] | None, num_cells: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw library sizes `[N]` for cells with label ids `{name: LongTensor [N]}` (missing or null = any)."""
+        covariates = covariates or {}
+        matches = torch.ones(num_cells, len(self.group_num_cells), dtype=torch.bool, device=self.device)
+        for column, name in enumerate(self.covariate_names):
+            if name not in covariates:
+                continue
+            ids = covariates[name].to(self.device)[:, None]
+            group_ids = self.group_label_ids[:, column]
+            matches &= (ids == group_ids) | (ids == self.num_labels[name]) | (group_ids == _WILDCARD)
+        matches[~matches.any(dim=1)] = True
+        weights = matches.to(self.group_num_cells.dtype) * self.group_num_cells
+        total = weights.sum(dim=1)
+        log_mean = weights @ self.group_log_mean / total
+        log_var = weights @ (self.group_log_var + self.group_log_mean**2) / total - log_mean**2
+        noise = torch.randn(num_cells, generator=generator, device=generator.device if generator else "cpu")
+        return torch.exp(log_mean + log_var.clamp_min(0).sqrt() * noise.to(self.device, log_mean.dtype))
+
+    def add_labels(self, name: str, labels: list[str]) -> None:
+        """Append `labels` to covariate `name`; old label ids are unchanged (their library-size fits too)."""
+        self._check_covariate_keys([name], require_all=False)
+        labels = [str(label) for label in labels]
+        known = self.config.covariate_labels[name]
+        clashes = sorted(set(labels) & set(known)) + sorted({label for label in labels if labels.count(label) > 1})
+        if clashes or not labels:
+            raise ConditionError(
+                f"Cannot add labels {labels} to covariate {name!r}: give at least one new label, each once "
+                f"(already known or repeated: {clashes})."
+            )
+        self.register_to_config(covariate_labels={**self.config.covariate_labels, name: known + labels})
+
+    def add_covariate(self, name: str, labels: list[str]) -> None:
+        """Add covariate `name` with `labels`. Existing library-size groups match any of its labels until refitted."""
+        if name in self.config.covariate_labels:
+            raise ConditionError(f"Covariate {name!r} already exists; use `add_labels` to add labels to it.")
+        columns = dict(zip(self.covariate_names, self.group_label_ids.T))
+        columns[name] = torch.full_like(self.group_num_cells, _WILDCARD, dtype=torch.long)
+        labels = [str(label) for label in labels]
+        self.register_to_config(covariate_labels={**self.config.covariate_labels, name: labels})
+        self.group_label_ids = torch.stack([columns[column] for column in self.covariate_names], dim=1)
+
+    def _check_covariate_keys(self, names, require_all: bool) -> None:
+        unknown = sorted(set(names) - set(self.covariate_names))
+        missing = sorted(set(self.covariate_names) - set(names)) if require_all else []
+        if unknown or missing:
+            raise ConditionError(
+                f"Covariates do not match the model: unknown {unknown}, missing {missing}; the model's covariates are "
+                f"{self.covariate_names}."
+            )
+
+
+def _list_labels(labels: list[str]) -> str:
+    listed = ", ".join(map(repr, labels[:_MAX_LISTED_LABELS]))
+    return listed + (f", ... ({len(labels)} in total)" if len(labels) > _MAX_LISTED_LABELS else "")
+
+
+__all__ = ["CellConditioner"]

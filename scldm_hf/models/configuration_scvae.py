@@ -1,0 +1,112 @@
+"""Configuration of the permutation-invariant single-cell VAE (stage 1 of scLDM)."""
+
+from typing import Literal
+
+from transformers import PreTrainedConfig
+
+from scldm_hf.errors import ConfigurationError
+
+from .layers import swiglu_intermediate_size
+
+
+class SCVAEConfig(PreTrainedConfig):
+    r"""Configuration of [`SCVAEModel`]. Defaults are close to the scLDM base VAE.
+
+    Args:
+        gene_names (`list[str]`):
+            The gene vocabulary. Gene `gene_names[i]` has id `i + 1`; id 0 is padding (see `GeneVocab`).
+        hidden_size (`int`, defaults to 64): Width of gene tokens, latent tokens and attention blocks.
+        num_latent_tokens (`int`, defaults to 16): Number `T` of latent tokens (learned encoder queries).
+        latent_dim (`int`, defaults to 16): Dimension `D` of each latent token.
+        encoder_layers (`int`, defaults to 2): Self-attention blocks over latent tokens after the encoder's MCAB.
+        decoder_layers (`int`, defaults to 2): Self-attention blocks over latent tokens before the gene read-out.
+        encoder_cross_attention_heads (`int`, defaults to 4): Heads of the encoder's latent-to-genes cross-attention.
+        decoder_cross_attention_heads (`int`, defaults to 4): Heads of the decoder's genes-to-latent cross-attention.
+        num_attention_heads (`int`, defaults to 8): Heads of every self-attention block.
+        intermediate_size (`int`, *optional*): SwiGLU width; defaults to `2/3 * 4 * hidden_size` rounded up to 8.
+        value_encoding (`"log1p"` or `"concat"`, defaults to `"log1p"`):
+            How a gene token combines its embedding `e` with the transformed count `v`: `"log1p"` uses `e * v`,
+            `"concat"` a linear projection of `[e, v]`.
+        count_transform (`"log1p"` or `"normalized_log1p"`, defaults to `"normalized_log1p"`):
+            Encoder input value: `log1p(count)` or `log1p(count / library_size * target_sum)`.
+        target_sum (`float`, defaults to 1e4): Library size that `"normalized_log1p"` and the Gaussian head scale to.
+        likelihood (`"negative_binomial"` or `"gaussian"`, defaults to `"negative_binomial"`):
+            Negative binomial on counts (mean = softmax over decoded genes x library size), or a unit-variance
+            Gaussian on `log1p(count / library_size * target_sum)`.
+        dispersion (`"gene"` or `"gene-cell"`, defaults to `"gene"`):
+            Negative binomial inverse dispersion: one learned value per vocabulary gene, or decoded per cell and gene.
+        kl_weight (`float`, defaults to 0.0):
+            0 gives scLDM's deterministic encoder (latents = non-affine LayerNorm of a projection); > 0 adds a
+            reparameterised Gaussian posterior and weights its KL to N(0, I) by this factor.
+        layer_norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+        attention_bias (`bool`, defaults to False): Bias in attention and MLP projections.
+        initializer_range (`float`, defaults to 0.02): Std of the normal initialisation of linear and embedding weights.
+        latents_mean, latents_std (`list[list[float]]`, *optional*):
+            Per-token, per-dimension `[T][D]` statistics of the training cells' latents, set when the latent DiT is
+            first trained on this VAE (as diffusers' Wan VAE stores them). The DiT models standardised latents
+            `(z - mean) / std`, so that every coordinate varies on the scale of its Gaussian noise.
+    """
+
+    model_type = "scldm_vae"
+
+    gene_names: list[str] | None = None
+    hidden_size: int = 64
+    num_latent_tokens: int = 16
+    latent_dim: int = 16
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    encoder_cross_attention_heads: int = 4
+    decoder_cross_attention_heads: int = 4
+    num_attention_heads: int = 8
+    intermediate_size: int | None = None
+    value_encoding: Literal["log1p", "concat"] = "log1p"
+    count_transform: Literal["log1p", "normalized_log1p"] = "normalized_log1p"
+    target_sum: float = 1e4
+    likelihood: Literal["negative_binomial", "gaussian"] = "negative_binomial"
+    dispersion: Literal["gene", "gene-cell"] = "gene"
+    kl_weight: float = 0.0
+    layer_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    latents_mean: list[list[float]] | None = None
+    latents_std: list[list[float]] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None:
+            self.intermediate_size = swiglu_intermediate_size(self.hidden_size)
+        self._check_values()
+        super().__post_init__(**kwargs)
+
+    def _check_values(self) -> None:
+        choices = {
+            "value_encoding": ("log1p", "concat"),
+            "count_transform": ("log1p", "normalized_log1p"),
+            "likelihood": ("negative_binomial", "gaussian"),
+            "dispersion": ("gene", "gene-cell"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigurationError(f"SCVAEConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        for name in ("encoder_cross_attention_heads", "decoder_cross_attention_heads", "num_attention_heads"):
+            if self.hidden_size % getattr(self, name) != 0:
+                raise ConfigurationError(
+                    f"SCVAEConfig.hidden_size={self.hidden_size} is not divisible by {name}={getattr(self, name)}; "
+                    "pick a head count that divides the hidden size."
+                )
+        if self.kl_weight < 0:
+            raise ConfigurationError(f"SCVAEConfig.kl_weight={self.kl_weight} must be >= 0.")
+        if self.gene_names is not None and len(set(self.gene_names)) != len(self.gene_names):
+            raise ConfigurationError("SCVAEConfig.gene_names contains duplicate genes; make gene names unique.")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of genes in the vocabulary (embedding tables have `vocab_size + 1` rows, row 0 = padding)."""
+        return len(self.gene_names or ())
+
+    @property
+    def uses_gaussian_posterior(self) -> bool:
+        """Whether the encoder is a reparameterised Gaussian (`kl_weight > 0`) rather than deterministic."""
+        return self.kl_weight > 0
+
+
+__all__ = ["SCVAEConfig"]

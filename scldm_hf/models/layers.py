@@ -1,0 +1,122 @@
+"""Transformer building blocks shared by the scLDM VAE and the latent DiT.
+
+Every block is pre-LayerNorm with residual connections and uses `torch.nn.functional.scaled_dot_product_attention`.
+A `key_padding_mask` is a BoolTensor `[B, K]` where True marks a real token and False a padding token; padding keys get
+exactly zero attention weight, so they have no influence on the output.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scldm_hf.errors import ConfigurationError
+
+
+def swiglu_intermediate_size(hidden_size: int, multiple_of: int = 8) -> int:
+    """LLaMA-style SwiGLU width: 2/3 of a 4x MLP, rounded up to a multiple of `multiple_of`."""
+    size = int(2 * 4 * hidden_size / 3)
+    return multiple_of * ((size + multiple_of - 1) // multiple_of)
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP `down(silu(gate(x)) * up(x))`, `[..., H] -> [..., H]`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries `[B, Q, H]` over a context `[B, K, H]` (self-attention when no context)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, bias: bool = False):
+        super().__init__()
+        if hidden_size % num_heads != 0:
+            raise ConfigurationError(
+                f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}; choose a head count that "
+                "divides the hidden size."
+            )
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        """`[B, N, H] -> [B, heads, N, H / heads]`."""
+        batch_size, length, _ = states.shape
+        return states.view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None = None,
+        key_padding_mask: torch.BoolTensor | None = None,
+    ) -> torch.Tensor:
+        """Queries from `hidden_states` `[B, Q, H]`, keys/values from `context` `[B, K, H]` -> `[B, Q, H]`."""
+        context = hidden_states if context is None else context
+        query = self._split_heads(self.q_proj(hidden_states))
+        key = self._split_heads(self.k_proj(context))
+        value = self._split_heads(self.v_proj(context))
+        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+        batch_size, _, num_queries, _ = attended.shape
+        return self.o_proj(attended.transpose(1, 2).reshape(batch_size, num_queries, -1))
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-LN transformer block: `x + attn(ln(x))`, then `x + swiglu(ln(x))`. `[B, N, H] -> [B, N, H]`."""
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, intermediate_size: int, layer_norm_eps: float = 1e-6, bias: bool = False
+    ):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.attention = Attention(hidden_size, num_heads, bias=bias)
+        self.mlp_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.mlp = SwiGLU(hidden_size, intermediate_size, bias=bias)
+
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.BoolTensor | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.attention(
+            self.attention_norm(hidden_states), key_padding_mask=key_padding_mask
+        )
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-LN cross-attention block (the MCAB of scLDM): queries attend to a context, residual on the queries.
+
+    `queries [B, Q, H]`, `context [B, K, H]`, `key_padding_mask [B, K]` -> `[B, Q, H]`. With
+    `normalize_context=False` the context enters the attention as given, e.g. gene tokens whose scale carries the count
+    (a LayerNorm would erase it).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        layer_norm_eps: float = 1e-6,
+        bias: bool = False,
+        normalize_context: bool = True,
+    ):
+        super().__init__()
+        self.query_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.context_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if normalize_context else nn.Identity()
+        self.attention = Attention(hidden_size, num_heads, bias=bias)
+        self.mlp_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.mlp = SwiGLU(hidden_size, intermediate_size, bias=bias)
+
+    def forward(
+        self, queries: torch.Tensor, context: torch.Tensor, key_padding_mask: torch.BoolTensor | None = None
+    ) -> torch.Tensor:
+        hidden_states = queries + self.attention(
+            self.query_norm(queries), self.context_norm(context), key_padding_mask=key_padding_mask
+        )
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))

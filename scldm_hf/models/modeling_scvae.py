@@ -1,0 +1,433 @@
+"""The permutation-invariant single-cell VAE of scLDM (stage 1) as a transformers `PreTrainedModel`.
+
+A cell is a *set* of gene tokens (gene embedding combined with its count). The encoder's learned latent queries
+cross-attend over that set (MCAB), so the latent `[T, D]` does not depend on token order or padding. The decoder
+reads the latent tokens back out with one query per requested gene (the same gene embedding table), in any order and
+for any subset of the vocabulary, and parametrises a negative binomial per gene:
+`mean = softmax(logits over the decoded genes) * library_size`.
+"""
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import anndata as ad
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from scldm_hf.data.collator import CellCollator
+from scldm_hf.data.corpus import anndata_to_dataset
+from scldm_hf.data.vocab import GeneVocab
+from scldm_hf.errors import ConfigurationError
+from scldm_hf.validation import check_decoder_genes, check_gene_tokens, check_library_size, check_panel_counts
+
+from .configuration_scvae import SCVAEConfig
+from .layers import CrossAttentionBlock, SelfAttentionBlock
+
+_LOG_EPS = 1e-8
+
+
+def negative_binomial_log_prob(
+    counts: torch.Tensor, mean: torch.Tensor, inverse_dispersion: torch.Tensor
+) -> torch.Tensor:
+    """Elementwise log NB(counts | mean, inverse dispersion theta) (broadcasting).
+
+    Same distribution as `torch.distributions.NegativeBinomial(total_count=theta, probs=mean / (mean + theta))`:
+    variance `mean + mean**2 / theta`.
+    """
+    theta = inverse_dispersion
+    log_theta_plus_mean = torch.log(theta + mean + _LOG_EPS)
+    return (
+        torch.lgamma(counts + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(counts + 1)
+        + theta * (torch.log(theta + _LOG_EPS) - log_theta_plus_mean)
+        + counts * (torch.log(mean + _LOG_EPS) - log_theta_plus_mean)
+    )
+
+
+def sample_negative_binomial(
+    mean: torch.Tensor, inverse_dispersion: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> torch.LongTensor:
+    """Draw counts by gamma-Poisson mixing: `rate ~ Gamma(theta, rate=theta / mean)`, `counts ~ Poisson(rate)`.
+
+    `mean [B, G]`; `inverse_dispersion` broadcastable to it (`[G]` or `[B, G]`), or None for Poisson(mean).
+    """
+    rate = mean
+    if inverse_dispersion is not None:
+        theta = inverse_dispersion.expand_as(mean)
+        # torch.distributions.Gamma cannot take a generator; its sampler can.
+        rate = torch._standard_gamma(theta, generator=generator) * mean / theta
+    return torch.poisson(rate, generator=generator).long()
+
+
+def normalized_log1p(counts: torch.Tensor, library_size: torch.Tensor, target_sum: float) -> torch.Tensor:
+    """`log1p(counts / library_size * target_sum)`; `counts [B, N]`, `library_size [B]`."""
+    return torch.log1p(counts / library_size.clamp_min(1.0)[:, None] * target_sum)
+
+
+@dataclass
+class SCVAEEncoderOutput(ModelOutput):
+    """Output of [`SCVAEModel.encode`].
+
+    Args:
+        latents (`torch.FloatTensor` of shape `[B, T, D]`): The cell latents (posterior samples when sampling).
+        posterior_mean (`torch.FloatTensor` of shape `[B, T, D]`, *optional*): Gaussian posterior mean
+            (only with `kl_weight > 0`).
+        posterior_logvar (`torch.FloatTensor` of shape `[B, T, D]`, *optional*): Gaussian posterior log-variance.
+    """
+
+    latents: torch.FloatTensor | None = None
+    posterior_mean: torch.FloatTensor | None = None
+    posterior_logvar: torch.FloatTensor | None = None
+
+
+@dataclass
+class SCVAEDecoderOutput(ModelOutput):
+    """Output of [`SCVAEModel.decode`].
+
+    Args:
+        mean (`torch.FloatTensor` of shape `[B, G]`): Expected counts of the decoded genes.
+        inverse_dispersion (`torch.FloatTensor` of shape `[G]` or `[B, G]`, *optional*):
+            Negative binomial inverse dispersion theta (None for the Gaussian likelihood).
+        logits (`torch.FloatTensor` of shape `[B, G]`): Negative binomial: unnormalised log expression proportions;
+            Gaussian: predicted `log1p(count / library_size * target_sum)`.
+    """
+
+    mean: torch.FloatTensor | None = None
+    inverse_dispersion: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+
+
+@dataclass
+class SCVAEOutput(ModelOutput):
+    """Output of [`SCVAEModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` scalar): `reconstruction_loss + kl_weight * kl_loss`.
+        reconstruction_loss (`torch.FloatTensor` scalar): Negative log-likelihood summed over genes, mean over cells.
+        kl_loss (`torch.FloatTensor` scalar, *optional*): KL(posterior || N(0, I)) per cell (Gaussian posterior only).
+        latents (`torch.FloatTensor` of shape `[B, T, D]`): The latents that were decoded.
+        mean (`torch.FloatTensor` of shape `[B, G]`): Expected counts of the panel genes.
+        inverse_dispersion (`torch.FloatTensor` of shape `[G]` or `[B, G]`, *optional*): Negative binomial theta.
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    kl_loss: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+    mean: torch.FloatTensor | None = None
+    inverse_dispersion: torch.FloatTensor | None = None
+
+
+class SCVAEEncoder(nn.Module):
+    """Gene tokens `[B, L, H]` -> latent tokens: MCAB over the tokens, self-attention, projection to `D`."""
+
+    def __init__(self, config: SCVAEConfig):
+        super().__init__()
+        hidden_size = config.hidden_size
+        block_args = {
+            "intermediate_size": config.intermediate_size,
+            "layer_norm_eps": config.layer_norm_eps,
+            "bias": config.attention_bias,
+        }
+        self.latent_queries = nn.Parameter(torch.empty(config.num_latent_tokens, hidden_size))
+        # gene tokens are `embedding * log1p(count)`: a LayerNorm on them would remove the count
+        self.cross_attention = CrossAttentionBlock(
+            hidden_size, config.encoder_cross_attention_heads, normalize_context=False, **block_args
+        )
+        self.layers = nn.ModuleList(
+            SelfAttentionBlock(hidden_size, config.num_attention_heads, **block_args)
+            for _ in range(config.encoder_layers)
+        )
+        self.gaussian_posterior = config.uses_gaussian_posterior
+        projection_size = 2 * config.latent_dim if self.gaussian_posterior else config.latent_dim
+        self.latent_projection = nn.Linear(hidden_size, projection_size, bias=config.attention_bias)
+        self.latent_norm = nn.LayerNorm(config.latent_dim, eps=config.layer_norm_eps, elementwise_affine=False)
+
+    def forward(
+        self, gene_tokens: torch.Tensor, attention_mask: torch.BoolTensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`gene_tokens [B, L, H]`, `attention_mask [B, L]` -> (latents or posterior mean `[B, T, D]`, log-variance)."""
+        queries = self.latent_queries.expand(gene_tokens.shape[0], -1, -1)
+        hidden_states = self.cross_attention(queries, gene_tokens, key_padding_mask=attention_mask)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        projected = self.latent_projection(hidden_states)
+        if not self.gaussian_posterior:
+            return self.latent_norm(projected), None
+        posterior_mean, posterior_logvar = projected.chunk(2, dim=-1)
+        return posterior_mean, posterior_logvar.clamp(-14.0, 10.0)
+
+
+class SCVAEDecoder(nn.Module):
+    """Latent tokens `[B, T, D]` + gene queries `[B, G, H]` -> per-gene outputs `[B, G, 1 or 2]`."""
+
+    def __init__(self, config: SCVAEConfig):
+        super().__init__()
+        hidden_size = config.hidden_size
+        block_args = {
+            "intermediate_size": config.intermediate_size,
+            "layer_norm_eps": config.layer_norm_eps,
+            "bias": config.attention_bias,
+        }
+        self.latent_norm = nn.LayerNorm(config.latent_dim, eps=config.layer_norm_eps, elementwise_affine=False)
+        self.latent_projection = nn.Linear(config.latent_dim, hidden_size, bias=config.attention_bias)
+        self.layers = nn.ModuleList(
+            SelfAttentionBlock(hidden_size, config.num_attention_heads, **block_args)
+            for _ in range(config.decoder_layers)
+        )
+        self.gene_readout = CrossAttentionBlock(hidden_size, config.decoder_cross_attention_heads, **block_args)
+        self.output_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        per_cell_dispersion = config.likelihood == "negative_binomial" and config.dispersion == "gene-cell"
+        self.output_head = nn.Linear(hidden_size, 2 if per_cell_dispersion else 1)
+
+    def forward(self, latents: torch.Tensor, gene_queries: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.latent_projection(self.latent_norm(latents))
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        gene_states = self.gene_readout(gene_queries, hidden_states)
+        return self.output_head(self.output_norm(gene_states))
+
+
+class SCVAEModel(PreTrainedModel):
+    """Permutation-invariant VAE over single-cell counts (scLDM stage 1).
+
+    Inputs follow the batch contract of `CellCollator` (docs/DESIGN.md): `model(**batch)` trains, `encode` maps cells
+    to latents `[B, T, D]`, `decode` maps latents to per-gene negative binomial parameters.
+    """
+
+    config_class = SCVAEConfig
+    base_model_prefix = "scvae"
+    main_input_name = "gene_ids"
+    _no_split_modules = ["SelfAttentionBlock", "CrossAttentionBlock"]
+
+    def __init__(self, config: SCVAEConfig):
+        super().__init__(config)
+        if not config.gene_names:
+            raise ConfigurationError(
+                "SCVAEConfig.gene_names is empty; build the config with the gene vocabulary, "
+                "e.g. SCVAEConfig(gene_names=vocab.genes)."
+            )
+        hidden_size = config.hidden_size
+        self.gene_embedding = nn.Embedding(config.vocab_size + 1, hidden_size, padding_idx=GeneVocab.pad_id)
+        # unit-scale gene vectors, so that the count alone sets the scale of a `log1p` gene token
+        self.token_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.value_projection = nn.Linear(hidden_size + 1, hidden_size) if config.value_encoding == "concat" else None
+        self.encoder = SCVAEEncoder(config)
+        self.decoder = SCVAEDecoder(config)
+        gene_dispersion = config.likelihood == "negative_binomial" and config.dispersion == "gene"
+        self.log_inverse_dispersion = nn.Parameter(torch.empty(config.vocab_size + 1)) if gene_dispersion else None
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SCVAEEncoder):
+            init.normal_(module.latent_queries, mean=0.0, std=1.0)
+        elif isinstance(module, SCVAEModel) and module.log_inverse_dispersion is not None:
+            init.zeros_(module.log_inverse_dispersion)
+
+    @cached_property
+    def gene_vocab(self) -> GeneVocab:
+        """The model's gene vocabulary (`config.gene_names`; gene `i` has id `i + 1`)."""
+        return GeneVocab(list(self.config.gene_names))
+
+    def embed_gene_tokens(
+        self, gene_ids: torch.LongTensor, counts: torch.Tensor, library_size: torch.Tensor
+    ) -> torch.Tensor:
+        """Gene tokens `[B, L, H]` from `gene_ids [B, L]`, raw `counts [B, L]` and `library_size [B]`."""
+        if self.config.count_transform == "normalized_log1p":
+            values = normalized_log1p(counts, library_size, self.config.target_sum)
+        else:
+            values = torch.log1p(counts)
+        embeddings = self.token_norm(self.gene_embedding(gene_ids))
+        if self.value_projection is None:
+            return embeddings * values.unsqueeze(-1)
+        return self.value_projection(torch.cat([embeddings, values.unsqueeze(-1)], dim=-1))
+
+    def encode(
+        self,
+        gene_ids: torch.LongTensor,
+        counts: torch.Tensor,
+        attention_mask: torch.BoolTensor,
+        library_size: torch.Tensor | None = None,
+        sample_posterior: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SCVAEEncoderOutput:
+        """Encode cells given as gene tokens.
+
+        Args:
+            gene_ids (`[B, L]`): vocab ids of expressed genes, 0 = padding.
+            counts (`[B, L]`): raw counts at those genes (0 at padding).
+            attention_mask (`[B, L]`): True for real tokens; padding has no influence on the latents.
+            library_size (`[B]`, *optional*): total counts per cell; defaults to the sum of `counts`.
+            sample_posterior (`bool`, *optional*): draw from the Gaussian posterior instead of taking its mean;
+                defaults to `self.training`. Ignored by the deterministic encoder.
+            generator (`torch.Generator`, *optional*): RNG for posterior samples.
+        """
+        check_gene_tokens(gene_ids, counts, attention_mask, vocab_size=self.config.vocab_size)
+        attention_mask = attention_mask.bool()
+        if library_size is None:
+            library_size = (counts * attention_mask).sum(dim=-1)
+        tokens = self.embed_gene_tokens(gene_ids, counts, library_size)
+        posterior_mean, posterior_logvar = self.encoder(tokens, attention_mask)
+        if posterior_logvar is None:
+            return SCVAEEncoderOutput(latents=posterior_mean)
+        latents = posterior_mean
+        if self.training if sample_posterior is None else sample_posterior:
+            noise = torch.randn(
+                posterior_mean.shape, generator=generator, device=posterior_mean.device, dtype=posterior_mean.dtype
+            )
+            latents = posterior_mean + noise * torch.exp(0.5 * posterior_logvar)
+        return SCVAEEncoderOutput(latents=latents, posterior_mean=posterior_mean, posterior_logvar=posterior_logvar)
+
+    def decode(
+        self, latents: torch.Tensor, gene_ids: torch.LongTensor | None = None, library_size: torch.Tensor | None = None
+    ) -> SCVAEDecoderOutput:
+        """Decode latents `[B, T, D]` into per-gene expression for `gene_ids`.
+
+        Args:
+            latents (`[B, T, D]`): cell latents.
+            gene_ids (`[G]` or `[B, G]`, *optional*): vocab ids to decode, any subset and order; default every gene.
+            library_size (`[B]`): total counts each cell should have over the decoded genes.
+        """
+        batch_size = latents.shape[0]
+        if gene_ids is None:
+            gene_ids = torch.arange(1, self.config.vocab_size + 1, device=latents.device)
+        check_decoder_genes(gene_ids, batch_size=batch_size, vocab_size=self.config.vocab_size)
+        check_library_size(library_size, batch_size=batch_size)
+        queries = self.gene_embedding(gene_ids)
+        if queries.dim() == 2:
+            queries = queries.expand(batch_size, -1, -1)
+        outputs = self.decoder(latents, queries)
+        logits = outputs[..., 0]
+        if self.config.likelihood == "gaussian":
+            mean = torch.expm1(logits).clamp_min(0.0) * library_size[:, None] / self.config.target_sum
+            return SCVAEDecoderOutput(mean=mean, inverse_dispersion=None, logits=logits)
+        mean = torch.softmax(logits, dim=-1) * library_size[:, None]
+        if self.log_inverse_dispersion is None:
+            inverse_dispersion = F.softplus(outputs[..., 1]) + 1e-4
+        else:
+            inverse_dispersion = torch.exp(self.log_inverse_dispersion[gene_ids])
+        return SCVAEDecoderOutput(mean=mean, inverse_dispersion=inverse_dispersion, logits=logits)
+
+    def reconstruction_nll(
+        self, decoded: SCVAEDecoderOutput, counts: torch.Tensor, library_size: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-cell negative log-likelihood `[B]` of dense `counts [B, G]` under `decoded`, summed over genes."""
+        if self.config.likelihood == "gaussian":
+            target = normalized_log1p(counts, library_size, self.config.target_sum)
+            return 0.5 * (decoded.logits - target).pow(2).sum(dim=-1)
+        return -negative_binomial_log_prob(counts, decoded.mean, decoded.inverse_dispersion).sum(dim=-1)
+
+    def forward(
+        self,
+        gene_ids: torch.LongTensor,
+        counts: torch.Tensor,
+        attention_mask: torch.BoolTensor,
+        library_size: torch.Tensor,
+        panel_counts: torch.Tensor,
+        panel_gene_ids: torch.LongTensor | None = None,
+        covariates: dict[str, torch.LongTensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SCVAEOutput:
+        """Encode the gene tokens, decode `panel_gene_ids` (`[G]`; default every vocab gene) and score `panel_counts`.
+
+        Accepts a `CellCollator` batch as `model(**batch)`; `covariates` are ignored (the VAE is unconditional).
+        """
+        encoded = self.encode(gene_ids, counts, attention_mask, library_size=library_size, generator=generator)
+        decoded = self.decode(encoded.latents, gene_ids=panel_gene_ids, library_size=library_size)
+        check_panel_counts(panel_counts, expected_shape=decoded.mean.shape)
+        reconstruction_loss = self.reconstruction_nll(decoded, panel_counts, library_size).mean()
+        loss, kl_loss = reconstruction_loss, None
+        if encoded.posterior_logvar is not None:
+            mean, logvar = encoded.posterior_mean, encoded.posterior_logvar
+            kl_loss = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2)).mean()
+            loss = loss + self.config.kl_weight * kl_loss
+        return SCVAEOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction_loss,
+            kl_loss=kl_loss,
+            latents=encoded.latents,
+            mean=decoded.mean,
+            inverse_dispersion=decoded.inverse_dispersion,
+        )
+
+    def set_latent_statistics(self, latents: torch.Tensor) -> None:
+        """Store the mean and std over cells of `latents [N, T, D]` in the config (see `SCVAEConfig.latents_mean`)."""
+        self.config.latents_mean = latents.mean(dim=0).tolist()
+        self.config.latents_std = latents.std(dim=0).clamp_min(1e-6).tolist()
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """`[B, T, D]` VAE latents -> standardised latents the DiT models (unchanged without statistics)."""
+        if self.config.latents_mean is None:
+            return latents
+        mean, std = self._latent_statistics(latents)
+        return (latents - mean) / std
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalize_latents`, `[B, T, D] -> [B, T, D]`."""
+        if self.config.latents_mean is None:
+            return latents
+        mean, std = self._latent_statistics(latents)
+        return latents * std + mean
+
+    def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mean, std)`, each `[T, D]`, on the device and dtype of `like`."""
+        placement = {"dtype": like.dtype, "device": like.device}
+        return torch.tensor(self.config.latents_mean, **placement), torch.tensor(self.config.latents_std, **placement)
+
+    def sample_counts(
+        self,
+        mean: torch.Tensor,
+        inverse_dispersion: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.LongTensor:
+        """Counts `[B, G]` drawn from `mean [B, G]` and `inverse_dispersion` (`[G]`/`[B, G]`; None = Poisson)."""
+        return sample_negative_binomial(mean, inverse_dispersion, generator=generator)
+
+    @torch.no_grad()
+    def encode_dataset(
+        self,
+        dataset: datasets.Dataset | ad.AnnData,
+        batch_size: int = 256,
+        collator: CellCollator | None = None,
+        show_progress: bool = True,
+    ) -> np.ndarray:
+        """Encode every cell of a dataset (rows as in docs/DESIGN.md) or AnnData of counts -> latents `[N, T, D]`.
+
+        Uses posterior means (no sampling). An AnnData is first mapped onto the model's gene vocabulary.
+        """
+        if isinstance(dataset, ad.AnnData):
+            dataset, _ = anndata_to_dataset(dataset, vocab=self.gene_vocab)
+        # encoding decodes nothing, so the default collator builds no panel
+        collator = collator or CellCollator(panel_gene_ids=[])
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+        latents = []
+        for batch in tqdm(loader, desc="Encoding cells", unit="batch", disable=not show_progress):
+            encoded = self.encode(
+                batch["gene_ids"].to(self.device),
+                batch["counts"].to(self.device),
+                batch["attention_mask"].to(self.device),
+                library_size=batch["library_size"].to(self.device),
+                sample_posterior=False,
+            )
+            latents.append(encoded.latents.cpu().numpy())
+        return np.concatenate(latents, axis=0)
+
+
+__all__ = [
+    "SCVAEDecoderOutput",
+    "SCVAEEncoderOutput",
+    "SCVAEModel",
+    "SCVAEOutput",
+    "negative_binomial_log_prob",
+    "sample_negative_binomial",
+]

@@ -1,0 +1,212 @@
+"""`SCLDMPipeline`: generate single cells (integer counts) from covariate labels with a latent flow-matching DiT.
+
+Sampling integrates the probability-flow ODE of the latent DiT from noise (sigma = 1) to data (sigma = 0) with a
+diffusers flow-matching scheduler, decodes the latents with the VAE at library sizes drawn from the conditioner's
+log-normal model, and draws negative binomial counts.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from scldm_hf.errors import ConfigurationError
+from scldm_hf.models.conditioning import CellConditioner
+from scldm_hf.models.modeling_scvae import SCVAEModel
+from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
+from scldm_hf.validation import check_conditions, check_guidance_scale, check_num_cells
+
+OutputType = Literal["anndata", "counts", "latent"]
+
+
+@dataclass
+class SCLDMPipelineOutput(BaseOutput):
+    """Output of [`SCLDMPipeline`].
+
+    Args:
+        cells (`anndata.AnnData`, `scipy.sparse.csr_matrix` or `torch.Tensor`):
+            `output_type="anndata"`: AnnData of integer counts (CSR `[N, G]`), `obs` = the conditions, `var_names` =
+            the VAE's genes. `"counts"`: the CSR count matrix `[N, G]`. `"latent"`: the latents `[N, T, D]`.
+    """
+
+    cells: ad.AnnData | sp.csr_matrix | torch.Tensor
+
+
+class SCLDMPipeline(DiffusionPipeline):
+    r"""Conditional single-cell generation with scLDM.
+
+    Args:
+        vae ([`SCVAEModel`]): Decodes latents `[B, T, D]` into negative binomial parameters over the vocabulary.
+        transformer ([`LatentDiTTransformer`]): Predicts the velocity `noise - latents`.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`] or [`FlowMatchHeunDiscreteScheduler`]):
+            Integrates the ODE from sigma = 1 (noise) to 0 (data). In the installed diffusers, `set_timesteps(n)` gives
+            `n` sigmas evenly spaced from 1 to 1/1000 (`shift=1` leaves them unchanged; `shift > 1` moves steps towards
+            noise), followed by a final 0; `step` does `x + (sigma_next - sigma) * velocity`. Heun adds a corrector
+            evaluation per step except the last (`2n - 1` transformer calls for `n` steps).
+        conditioner ([`CellConditioner`]): Label vocabularies and the library-size model.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+
+    def __init__(
+        self,
+        vae: SCVAEModel,
+        transformer: LatentDiTTransformer,
+        scheduler: FlowMatchEulerDiscreteScheduler | FlowMatchHeunDiscreteScheduler,
+        conditioner: CellConditioner,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler, conditioner=conditioner)
+
+    def add_condition_labels(self, covariate: str, labels: list[str]) -> None:
+        """Add new labels to a covariate (for fine-tuning); existing label embeddings stay bit-identical."""
+        self.conditioner.add_labels(covariate, labels)
+        self.transformer.add_covariate_labels(covariate, len(labels))
+
+    def add_condition(self, covariate: str, labels: list[str]) -> None:
+        """Add a new covariate (for fine-tuning); the model's predictions are unchanged until it is trained."""
+        self.conditioner.add_covariate(covariate, labels)
+        self.transformer.add_covariate(covariate, len(labels))
+
+    def check_inputs(self, num_inference_steps: int, batch_size: int, output_type: str) -> None:
+        for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigurationError(f"{name}={value!r} must be a positive integer.")
+        if output_type not in ("anndata", "counts", "latent"):
+            raise ConfigurationError(f"output_type={output_type!r} is not one of ('anndata', 'counts', 'latent').")
+        if self.conditioner.num_labels != self.transformer.config.covariate_num_labels:
+            raise ConfigurationError(
+                f"The conditioner's labels per covariate {self.conditioner.num_labels} do not match the transformer's "
+                f"{self.transformer.config.covariate_num_labels}; add labels with `pipe.add_condition_labels`."
+            )
+
+    def predict_velocity(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        covariates: dict[str, torch.LongTensor],
+        guidance_scale: float | dict[str, float],
+    ) -> torch.Tensor:
+        """Classifier-free guided velocity `[B, T, D]` for `latents [B, T, D]`.
+
+        `v = v_uncond + sum_k w_k (v_k - v_uncond)`, where `v_k` is conditioned on the covariates of term `k`: all
+        of them for a float `w`, covariate `k` alone for a dict `{k: w_k}`. Zero-weight terms are skipped, and a
+        single term of weight 1 is evaluated alone (no unconditional pass). All passes share one batched forward.
+        """
+        if isinstance(guidance_scale, Mapping):
+            terms = [({name: covariates[name]}, weight) for name, weight in guidance_scale.items()]
+        else:
+            terms = [(covariates, guidance_scale)] if covariates else []
+        terms = [(branch, weight) for branch, weight in terms if weight != 0]
+        if len(terms) == 1 and terms[0][1] == 1:
+            return self.transformer(latents, timestep, covariates=terms[0][0]).sample
+
+        branches = [{}] + [branch for branch, _ in terms]
+        batch_size = len(latents)
+        null = self.transformer.null_covariates(batch_size)
+        batched_covariates = {
+            name: torch.cat([branch.get(name, null_ids) for branch in branches])
+            for name, null_ids in null.items()
+        }
+        velocities = self.transformer(
+            latents.repeat(len(branches), 1, 1), timestep, covariates=batched_covariates
+        ).sample.chunk(len(branches))
+        velocity = velocities[0]
+        for (_, weight), conditional_velocity in zip(terms, velocities[1:]):
+            velocity = velocity + weight * (conditional_velocity - velocities[0])
+        return velocity
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        conditions: dict[str, list[str]] | pd.DataFrame | None = None,
+        num_cells: int | None = None,
+        guidance_scale: float | dict[str, float] = 1.0,
+        num_inference_steps: int = 25,
+        generator: torch.Generator | None = None,
+        batch_size: int = 1024,
+        output_type: OutputType = "anndata",
+        return_dict: bool = True,
+    ) -> SCLDMPipelineOutput | tuple:
+        r"""Generate cells.
+
+        Args:
+            conditions (`dict[str, list[str]]` or `pandas.DataFrame`, *optional*):
+                Labels per cell, e.g. `{"cell_type": ["B", "NK"]}`; a single label is repeated `num_cells` times.
+                Covariates left out are unconditioned. `None` generates unconditionally (`num_cells` required).
+            num_cells (`int`, *optional*): Number of cells; defaults to the number of condition rows.
+            guidance_scale (`float` or `dict[str, float]`, defaults to 1.0):
+                Classifier-free guidance: 1 = conditional model, 0 = unconditional, > 1 = stronger conditioning. A dict
+                gives one weight per conditioned covariate (`v_uncond + sum_k w_k (v_k - v_uncond)`).
+            num_inference_steps (`int`, defaults to 25): ODE steps.
+            generator (`torch.Generator`, *optional*): Makes the noise, library sizes and counts reproducible.
+            batch_size (`int`, defaults to 1024): Cells integrated and decoded at once.
+            output_type (`"anndata"`, `"counts"` or `"latent"`, defaults to `"anndata"`): See [`SCLDMPipelineOutput`].
+            return_dict (`bool`, defaults to True): Return a [`SCLDMPipelineOutput`] instead of a tuple.
+        """
+        self.check_inputs(num_inference_steps, batch_size, output_type)
+        if conditions is None:
+            check_num_cells(num_cells)
+            obs, covariates = pd.DataFrame(index=range(num_cells)), {}
+        else:
+            obs = check_conditions(conditions, num_cells)
+            num_cells, covariates = len(obs), self.conditioner.encode(obs)
+        check_guidance_scale(guidance_scale, list(covariates))
+        device = self._execution_device
+        covariates = {name: ids.to(device) for name, ids in covariates.items()}
+
+        config = self.transformer.config
+        noise = randn_tensor(
+            (num_cells, config.num_latent_tokens, config.latent_dim),
+            generator=generator,
+            device=device,
+            dtype=self.transformer.dtype,
+        )
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        num_batches = -(-num_cells // batch_size)
+        outputs = []
+        with self.progress_bar(total=num_batches * len(self.scheduler.timesteps)) as progress_bar:
+            for start in range(0, num_cells, batch_size):
+                batch_covariates = {name: ids[start : start + batch_size] for name, ids in covariates.items()}
+                latents = noise[start : start + batch_size]
+                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                self.scheduler.set_begin_index(0)
+                for timestep in self.scheduler.timesteps:
+                    velocity = self.predict_velocity(latents, timestep, batch_covariates, guidance_scale)
+                    latents = self.scheduler.step(velocity, timestep, latents).prev_sample
+                    progress_bar.update()
+                latents = self.vae.denormalize_latents(latents)
+                if output_type == "latent":
+                    outputs.append(latents)
+                    continue
+                library_size = self.conditioner.sample_library_size(batch_covariates, len(latents), generator)
+                decoded = self.vae.decode(latents.to(self.vae.dtype), library_size=library_size.to(device))
+                counts = self.vae.sample_counts(decoded.mean, decoded.inverse_dispersion, generator=generator)
+                outputs.append(sp.csr_matrix(counts.cpu().numpy().astype(np.int32)))
+        self.maybe_free_model_hooks()
+
+        if output_type == "latent":
+            cells = torch.cat(outputs)
+        else:
+            cells = sp.vstack(outputs, format="csr")
+            if output_type == "anndata":
+                obs.index = [f"generated_{index}" for index in range(num_cells)]
+                cells = ad.AnnData(
+                    X=cells,
+                    obs=obs.astype("category"),
+                    var=pd.DataFrame(index=pd.Index(self.vae.config.gene_names, name="gene")),
+                )
+        if not return_dict:
+            return (cells,)
+        return SCLDMPipelineOutput(cells=cells)
+
+
+__all__ = ["SCLDMPipeline", "SCLDMPipelineOutput"]

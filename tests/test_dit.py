@@ -1,0 +1,261 @@
+"""LatentDiTTransformer, the flow-matching objective, the diffusers schedulers and CellConditioner (no VAE needed)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+from scldm_hf.errors import ConditionError, ConfigurationError, InputDataError
+from scldm_hf.flow_matching import add_noise, drop_covariates, flow_matching_loss, sample_sigmas
+from scldm_hf.models.conditioning import CellConditioner
+from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
+
+NUM_TOKENS, LATENT_DIM = 4, 6
+
+
+def tiny_transformer(covariate_num_labels=None, seed: int = 0) -> LatentDiTTransformer:
+    """A 1-block DiT whose zero-initialised layers are randomised, so outputs depend on every input."""
+    torch.manual_seed(seed)
+    model = LatentDiTTransformer(
+        num_latent_tokens=NUM_TOKENS,
+        latent_dim=LATENT_DIM,
+        hidden_size=32,
+        num_layers=1,
+        num_attention_heads=4,
+        timestep_embedding_dim=32,
+        covariate_num_labels=covariate_num_labels if covariate_num_labels is not None else {"cell_type": 3},
+    )
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.1)
+    return model.eval()
+
+
+def velocity(model, latents, timestep=500.0, covariates=None):
+    with torch.no_grad():
+        return model(latents, torch.full((len(latents),), timestep), covariates=covariates).sample
+
+
+def test_fresh_transformer_predicts_zero_velocity_of_latent_shape():
+    model = LatentDiTTransformer(num_latent_tokens=NUM_TOKENS, latent_dim=LATENT_DIM, hidden_size=32, num_layers=2)
+    output = model(torch.randn(3, NUM_TOKENS, LATENT_DIM), torch.tensor([0.0, 500.0, 1000.0]))
+    assert output.sample.shape == (3, NUM_TOKENS, LATENT_DIM)
+    assert torch.equal(output.sample, torch.zeros_like(output.sample))  # adaLN-Zero + zero output layer
+
+
+def test_missing_covariate_means_null_label_and_labels_change_the_prediction():
+    model = tiny_transformer()
+    latents = torch.randn(2, NUM_TOKENS, LATENT_DIM)
+    null = velocity(model, latents, covariates={"cell_type": torch.tensor([3, 3])})
+    assert torch.equal(velocity(model, latents), null)
+    assert not torch.allclose(velocity(model, latents, covariates={"cell_type": torch.tensor([0, 1])}), null)
+    assert not torch.allclose(velocity(model, latents, timestep=100.0), null)
+
+
+def test_unknown_covariate_is_rejected():
+    with pytest.raises(ConditionError, match="no covariate.*'batch'.*cell_type"):
+        tiny_transformer()(torch.randn(1, NUM_TOKENS, LATENT_DIM), 10.0, covariates={"batch": torch.tensor([0])})
+    with pytest.raises(ConfigurationError, match="without '.'"):
+        LatentDiTTransformer(covariate_num_labels={"cell.type": 2})
+
+
+def test_adding_labels_keeps_old_embeddings_bit_identical(tmp_path):
+    model = tiny_transformer()
+    old_table = model.covariate_embedders["cell_type"].weight.detach().clone()
+    latents = torch.randn(5, NUM_TOKENS, LATENT_DIM)
+    old_labels = {"cell_type": torch.tensor([0, 1, 2, 0, 1])}
+    before = velocity(model, latents, covariates=old_labels)
+    null_before = velocity(model, latents)
+
+    model.add_covariate_labels("cell_type", 2)
+
+    table = model.covariate_embedders["cell_type"].weight
+    assert model.config.covariate_num_labels == {"cell_type": 5}
+    assert table.shape[0] == 6 and torch.equal(table[:3], old_table[:3])
+    assert torch.equal(velocity(model, latents, covariates=old_labels), before)
+    assert torch.equal(velocity(model, latents), null_before)  # null moved to id 5, same embedding
+    assert torch.equal(velocity(model, latents, covariates={"cell_type": torch.full((5,), 3)}), null_before)
+
+    model.save_pretrained(tmp_path)
+    reloaded = LatentDiTTransformer.from_pretrained(tmp_path)
+    assert not reloaded.training
+    assert torch.equal(velocity(reloaded, latents, covariates=old_labels), before)
+
+
+def test_adding_a_covariate_leaves_predictions_unchanged(tmp_path):
+    model = tiny_transformer()
+    latents = torch.randn(3, NUM_TOKENS, LATENT_DIM)
+    labels = {"cell_type": torch.tensor([0, 2, 3])}
+    before = velocity(model, latents, covariates=labels)
+    model.add_covariate("perturbation", 4)
+    assert model.config.covariate_num_labels == {"cell_type": 3, "perturbation": 4}
+    assert torch.equal(velocity(model, latents, covariates={**labels, "perturbation": torch.tensor([0, 3, 4])}), before)
+    with pytest.raises(ConditionError, match="already has"):
+        model.add_covariate("perturbation", 1)
+    model.save_pretrained(tmp_path)
+    assert LatentDiTTransformer.from_pretrained(tmp_path).config.covariate_num_labels["perturbation"] == 4
+
+
+# --- flow-matching objective ---
+
+
+def test_add_noise_matches_the_scheduler_forward_process():
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    latents, noise = torch.randn(2, NUM_TOKENS, LATENT_DIM), torch.randn(2, NUM_TOKENS, LATENT_DIM)
+    timesteps = scheduler.timesteps[[100, 900]]
+    expected = scheduler.scale_noise(latents, timesteps, noise)
+    torch.testing.assert_close(add_noise(latents, noise, timesteps / 1000), expected)
+    assert torch.equal(add_noise(latents, noise, torch.ones(2)), noise)
+    assert torch.equal(add_noise(latents, noise, torch.zeros(2)), latents)
+
+
+def test_timestep_sampling_uniform_and_logit_normal():
+    generator = torch.Generator().manual_seed(0)
+    uniform = sample_sigmas(20_000, "uniform", generator=generator)
+    logit_normal = sample_sigmas(20_000, "logit_normal", generator=generator)
+    for sigmas in (uniform, logit_normal):
+        assert sigmas.min() >= 0 and sigmas.max() <= 1
+    assert abs(float((uniform < 0.1).float().mean()) - 0.1) < 0.01
+    # logit-normal(0, 1) puts ~1.4% of the mass below 0.1 and concentrates around 0.5
+    assert float((logit_normal < 0.1).float().mean()) < 0.03
+    assert abs(float(logit_normal.median()) - 0.5) < 0.02
+    with pytest.raises(ConfigurationError, match="timestep_sampling"):
+        sample_sigmas(4, "cosine")
+
+
+def test_condition_dropout_joint_and_independent():
+    batch = 20_000
+    covariates = {"cell_type": torch.zeros(batch, dtype=torch.long), "donor": torch.zeros(batch, dtype=torch.long)}
+    num_labels = {"cell_type": 3, "donor": 7}
+    generator = torch.Generator().manual_seed(0)
+    joint = drop_covariates(covariates, num_labels, 0.3, "joint", generator)
+    cell_type_dropped, donor_dropped = joint["cell_type"] == 3, joint["donor"] == 7
+    assert torch.equal(cell_type_dropped, donor_dropped)
+    assert abs(float(cell_type_dropped.float().mean()) - 0.3) < 0.02
+
+    independent = drop_covariates(covariates, num_labels, 0.3, "independent", generator)
+    cell_type_dropped, donor_dropped = independent["cell_type"] == 3, independent["donor"] == 7
+    assert abs(float(cell_type_dropped.float().mean()) - 0.3) < 0.02
+    assert abs(float((cell_type_dropped & donor_dropped).float().mean()) - 0.09) < 0.015
+    assert torch.equal(drop_covariates(covariates, num_labels, 0.0)["donor"], covariates["donor"])
+    with pytest.raises(ConfigurationError, match="mode"):
+        drop_covariates(covariates, num_labels, 0.1, "per_cell")
+    with pytest.raises(ConditionError, match=r"\['donor'\] are unknown"):
+        drop_covariates(covariates, {"cell_type": 3}, 0.1)
+
+
+def test_flow_matching_loss_is_reproducible_and_trains_the_transformer():
+    model = tiny_transformer().train()
+    latents = torch.randn(16, NUM_TOKENS, LATENT_DIM)
+    labels = {"cell_type": torch.randint(0, 3, (16,))}
+
+    def loss(seed):
+        return flow_matching_loss(model, latents, labels, "logit_normal", generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(loss(0), loss(0)) and not torch.equal(loss(0), loss(1))
+    loss(0).backward()
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in model.parameters())
+
+
+# --- schedulers ---
+
+
+@pytest.mark.parametrize("scheduler_class", [FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler])
+def test_scheduler_integrates_straight_flow_exactly(scheduler_class):
+    """The exact velocity of a straight path from `noise` to `data`, `(x - data) / sigma`, is integrated exactly."""
+    scheduler = scheduler_class()
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps[0] == 1000  # sigma = 1: pure noise
+    data, noise = torch.randn(3, NUM_TOKENS, LATENT_DIM), torch.randn(3, NUM_TOKENS, LATENT_DIM)
+    sample = noise
+    for timestep in scheduler.timesteps:
+        sample = scheduler.step((sample - data) / (timestep / 1000), timestep, sample).prev_sample
+    torch.testing.assert_close(sample, data, atol=1e-5, rtol=0)
+
+
+def test_scheduler_save_load_round_trip(tmp_path):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.save_pretrained(tmp_path)
+    reloaded = FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path)
+    assert reloaded.config.shift == 3.0
+    scheduler.set_timesteps(7)
+    reloaded.set_timesteps(7)
+    assert torch.equal(scheduler.sigmas, reloaded.sigmas)
+    heun = FlowMatchHeunDiscreteScheduler.from_config(reloaded.config)
+    heun.set_timesteps(7)
+    assert heun.config.shift == 3.0 and len(heun.timesteps) == 13
+
+
+# --- conditioner ---
+
+
+@pytest.fixture
+def conditioner() -> CellConditioner:
+    """Two covariates; library sizes exp(N(log 1000, 0.1)) for T cells, exp(N(log 8000, 0.3)) for B/ctrl."""
+    generator = torch.Generator().manual_seed(0)
+    cell_type = torch.tensor([0] * 400 + [1] * 400)  # T, B
+    condition = torch.tensor([0, 1] * 200 + [0] * 400)  # ctrl/stim for T; ctrl only for B
+    log_size = torch.where(cell_type == 0, np.log(1000.0), np.log(8000.0))
+    log_size += torch.where(cell_type == 0, 0.1, 0.3) * torch.randn(800, generator=generator, dtype=torch.float64)
+    conditioner = CellConditioner(covariate_labels={"cell_type": ["T", "B"], "condition": ["ctrl", "stim"]})
+    conditioner.fit_library_size({"cell_type": cell_type, "condition": condition}, log_size.exp())
+    return conditioner
+
+
+def test_conditioner_encodes_dicts_and_dataframes(conditioner):
+    ids = conditioner.encode({"cell_type": ["B", "T", "B"], "condition": ["stim", "ctrl", "ctrl"]})
+    assert torch.equal(ids["cell_type"], torch.tensor([1, 0, 1]))
+    assert torch.equal(ids["condition"], torch.tensor([1, 0, 0]))
+    frame = pd.DataFrame({"cell_type": pd.Categorical(["T", "B"])})
+    assert list(conditioner.encode(frame)) == ["cell_type"]
+    assert torch.equal(conditioner.encode({"cell_type": "B"}, num_cells=3)["cell_type"], torch.tensor([1, 1, 1]))
+
+
+def test_conditioner_errors_name_the_known_labels(conditioner):
+    with pytest.raises(ConditionError, match=r"Unknown label.*'NK'.*'cell_type'.*known labels: 'T', 'B'"):
+        conditioner.encode({"cell_type": ["T", "NK"]})
+    with pytest.raises(ConditionError, match=r"unknown \['donor'\].*\['cell_type', 'condition'\]"):
+        conditioner.encode({"donor": ["d1"]})
+    with pytest.raises(ConditionError, match="different lengths"):
+        conditioner.encode({"cell_type": ["T", "B"], "condition": ["ctrl"]})
+    with pytest.raises(ConditionError, match="num_cells=3"):
+        conditioner.encode({"cell_type": ["T", "B"]}, num_cells=3)
+    with pytest.raises(InputDataError, match="library size <= 0"):
+        conditioner.fit_library_size({"cell_type": torch.tensor([0]), "condition": torch.tensor([0])}, torch.zeros(1))
+
+
+def test_library_size_model_per_condition_with_global_fallback(conditioner):
+    generator = torch.Generator().manual_seed(1)
+
+    def log_sizes(labels):
+        return conditioner.sample_library_size(conditioner.encode(labels, num_cells=4000), 4000, generator).log()
+
+    t_cells, b_cells = log_sizes({"cell_type": "T"}), log_sizes({"cell_type": "B", "condition": "ctrl"})
+    assert abs(float(t_cells.mean()) - np.log(1000)) < 0.02 and abs(float(t_cells.std()) - 0.1) < 0.01
+    assert abs(float(b_cells.mean()) - np.log(8000)) < 0.03 and abs(float(b_cells.std()) - 0.3) < 0.02
+    # B/stim was never seen: fall back to all cells (a 50/50 mixture of both modes)
+    unseen = log_sizes({"cell_type": "B", "condition": "stim"})
+    assert abs(float(unseen.mean()) - np.log(np.sqrt(1000 * 8000))) < 0.05 and float(unseen.std()) > 0.9
+    everything = conditioner.sample_library_size(None, 4000, generator).log()
+    assert abs(float(everything.mean()) - float(unseen.mean())) < 0.1
+
+
+def test_conditioner_round_trip_and_new_labels(conditioner, tmp_path):
+    conditioner.add_labels("cell_type", ["NK"])
+    conditioner.add_covariate("donor", ["d1", "d2"])
+    conditioner.save_pretrained(tmp_path)
+    reloaded = CellConditioner.from_pretrained(tmp_path)
+    assert reloaded.config.covariate_labels == {
+        "cell_type": ["T", "B", "NK"], "condition": ["ctrl", "stim"], "donor": ["d1", "d2"]
+    }
+    assert reloaded.num_labels == {"cell_type": 3, "condition": 2, "donor": 2}
+    for name in ("group_label_ids", "group_num_cells", "group_log_mean", "group_log_var"):
+        assert torch.equal(getattr(reloaded, name), getattr(conditioner, name))
+    labels = reloaded.encode({"cell_type": ["T", "NK"], "donor": ["d2", "d1"]})
+    assert labels["cell_type"].tolist() == [0, 2]
+    draws = reloaded.sample_library_size(reloaded.encode({"cell_type": "T", "donor": "d2"}, num_cells=2000), 2000)
+    assert abs(float(draws.log().mean()) - np.log(1000)) < 0.02  # donor added after the fit matches any group
+    with pytest.raises(ConditionError, match="already known"):
+        reloaded.add_labels("cell_type", ["T"])
