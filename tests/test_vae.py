@@ -288,17 +288,8 @@ def fit_mean_proportion_baseline(panel_counts: torch.Tensor, steps: int = 300) -
     return proportions, log_theta.detach().exp()
 
 
-@pytest.fixture
-def single_thread():
-    """Tiny models train faster on one thread, and do not stall when the two cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_training_beats_gene_mean_baseline_on_held_out_pbmc_cells(pbmc_counts, single_thread):
+def test_training_beats_gene_mean_baseline_on_held_out_pbmc_cells(pbmc_counts, one_torch_thread):
     """300 steps of a tiny VAE on real counts (256 most expressed genes) lower the held-out NB NLL well below an NB
     that predicts every cell's genes from the training mean proportions (MLE dispersion)."""
     torch.manual_seed(0)
