@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--euler-steps", type=int, nargs="+", default=[5, 10, 25, 50])
     parser.add_argument("--heun-steps", type=int, nargs="+", default=[5, 10, 25])
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="!= 1 doubles the transformer calls")
-    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()

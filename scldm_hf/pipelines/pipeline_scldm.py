@@ -25,6 +25,7 @@ from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 from scldm_hf.validation import check_conditions, check_guidance_scale, check_num_cells
 
 OutputType = Literal["anndata", "counts", "latent"]
+DECODE_GENE_TOKENS = 2**14  # cells x genes decoded at once (see `SCLDMPipeline.decode_counts`)
 
 
 @dataclass
@@ -124,6 +125,24 @@ class SCLDMPipeline(DiffusionPipeline):
             velocity = velocity + weight * (conditional_velocity - velocities[0])
         return velocity
 
+    def decode_counts(
+        self, latents: torch.Tensor, library_size: torch.Tensor, generator: torch.Generator | None = None
+    ) -> sp.csr_matrix:
+        """Negative binomial counts (CSR int32 `[B, G]`) of `latents [B, T, D]` decoded at `library_size [B]`.
+
+        Decodes `DECODE_GENE_TOKENS // G` cells (at least one) at a time: the decoder's activations are
+        `[cells, G, hidden]`, so this bounds memory for any gene panel, and on CPU it keeps each activation small
+        enough (~10 MB) for the allocator to reuse instead of mapping and page-faulting fresh memory every call.
+        """
+        chunk_size = max(1, DECODE_GENE_TOKENS // self.vae.config.vocab_size)
+        chunks = []
+        for start in range(0, len(latents), chunk_size):
+            chunk = slice(start, start + chunk_size)
+            decoded = self.vae.decode(latents[chunk].to(self.vae.dtype), library_size=library_size[chunk])
+            counts = self.vae.sample_counts(decoded.mean, decoded.inverse_dispersion, generator=generator)
+            chunks.append(sp.csr_matrix(counts.cpu().numpy().astype(np.int32)))
+        return sp.vstack(chunks, format="csr")
+
     @torch.no_grad()
     def __call__(
         self,
@@ -132,7 +151,7 @@ class SCLDMPipeline(DiffusionPipeline):
         guidance_scale: float | dict[str, float] = 1.0,
         num_inference_steps: int = 25,
         generator: torch.Generator | None = None,
-        batch_size: int = 1024,
+        batch_size: int = 256,
         output_type: OutputType = "anndata",
         return_dict: bool = True,
     ) -> SCLDMPipelineOutput | tuple:
@@ -148,7 +167,7 @@ class SCLDMPipeline(DiffusionPipeline):
                 gives one weight per conditioned covariate (`v_uncond + sum_k w_k (v_k - v_uncond)`).
             num_inference_steps (`int`, defaults to 25): ODE steps.
             generator (`torch.Generator`, *optional*): Makes the noise, library sizes and counts reproducible.
-            batch_size (`int`, defaults to 1024): Cells integrated and decoded at once.
+            batch_size (`int`, defaults to 256): Cells integrated at once (larger batches help on GPUs).
             output_type (`"anndata"`, `"counts"` or `"latent"`, defaults to `"anndata"`): See [`SCLDMPipelineOutput`].
             return_dict (`bool`, defaults to True): Return a [`SCLDMPipelineOutput`] instead of a tuple.
         """
@@ -188,9 +207,7 @@ class SCLDMPipeline(DiffusionPipeline):
                     outputs.append(latents)
                     continue
                 library_size = self.conditioner.sample_library_size(batch_covariates, len(latents), generator)
-                decoded = self.vae.decode(latents.to(self.vae.dtype), library_size=library_size.to(device))
-                counts = self.vae.sample_counts(decoded.mean, decoded.inverse_dispersion, generator=generator)
-                outputs.append(sp.csr_matrix(counts.cpu().numpy().astype(np.int32)))
+                outputs.append(self.decode_counts(latents, library_size.to(device), generator))
         self.maybe_free_model_hooks()
 
         if output_type == "latent":
