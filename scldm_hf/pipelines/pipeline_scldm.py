@@ -125,6 +125,7 @@ class SCLDMPipeline(DiffusionPipeline):
             velocity = velocity + weight * (conditional_velocity - velocities[0])
         return velocity
 
+    @torch.no_grad()
     def decode_counts(
         self, latents: torch.Tensor, library_size: torch.Tensor, generator: torch.Generator | None = None
     ) -> sp.csr_matrix:
