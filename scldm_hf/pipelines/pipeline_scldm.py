@@ -125,6 +125,26 @@ class SCLDMPipeline(DiffusionPipeline):
             velocity = velocity + weight * (conditional_velocity - velocities[0])
         return velocity
 
+    def denoise(
+        self,
+        noise: torch.Tensor,
+        covariates: dict[str, torch.LongTensor],
+        guidance_scale: float | dict[str, float] = 1.0,
+        num_inference_steps: int = 25,
+        progress_bar=None,
+    ) -> torch.Tensor:
+        """Integrate noise `[B, T, D]` to standardised clean latents `[B, T, D]` with the scheduler (sigma 1 -> 0),
+        advancing `progress_bar` once per step when given."""
+        self.scheduler.set_timesteps(num_inference_steps, device=noise.device)
+        self.scheduler.set_begin_index(0)
+        latents = noise
+        for timestep in self.scheduler.timesteps:
+            velocity = self.predict_velocity(latents, timestep, covariates, guidance_scale)
+            latents = self.scheduler.step(velocity, timestep, latents).prev_sample
+            if progress_bar is not None:
+                progress_bar.update()
+        return latents
+
     @torch.no_grad()
     def decode_counts(
         self, latents: torch.Tensor, library_size: torch.Tensor, generator: torch.Generator | None = None
@@ -196,13 +216,9 @@ class SCLDMPipeline(DiffusionPipeline):
         with self.progress_bar(total=num_batches * len(self.scheduler.timesteps)) as progress_bar:
             for start in range(0, num_cells, batch_size):
                 batch_covariates = {name: ids[start : start + batch_size] for name, ids in covariates.items()}
-                latents = noise[start : start + batch_size]
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
-                self.scheduler.set_begin_index(0)
-                for timestep in self.scheduler.timesteps:
-                    velocity = self.predict_velocity(latents, timestep, batch_covariates, guidance_scale)
-                    latents = self.scheduler.step(velocity, timestep, latents).prev_sample
-                    progress_bar.update()
+                latents = self.denoise(
+                    noise[start : start + batch_size], batch_covariates, guidance_scale, num_inference_steps, progress_bar
+                )
                 latents = self.vae.denormalize_latents(latents)
                 if output_type == "latent":
                     outputs.append(latents)

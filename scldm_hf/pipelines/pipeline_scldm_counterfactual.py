@@ -52,22 +52,6 @@ class SCLDMCounterfactualPipeline(SCLDMPipeline):
             latents = latents + (sigma_next - sigma) * velocity
         return latents
 
-    def denoise(
-        self,
-        noise: torch.Tensor,
-        covariates: dict[str, torch.LongTensor],
-        guidance_scale: float | dict[str, float] = 1.0,
-        num_inference_steps: int = 25,
-    ) -> torch.Tensor:
-        """Integrate noise `[B, T, D]` to clean latents `[B, T, D]` with the scheduler (sigma 1 -> 0)."""
-        self.scheduler.set_timesteps(num_inference_steps, device=noise.device)
-        self.scheduler.set_begin_index(0)
-        latents = noise
-        for timestep in self.scheduler.timesteps:
-            velocity = self.predict_velocity(latents, timestep, covariates, guidance_scale)
-            latents = self.scheduler.step(velocity, timestep, latents).prev_sample
-        return latents
-
     def cell_labels(self, obs: pd.DataFrame, target_conditions: dict[str, list[str] | str] | pd.DataFrame | None):
         """Source labels (the model's covariates found in `obs`) and target labels (source, overridden by
         `target_conditions`; a single label applies to every cell), as DataFrames of str with `obs`'s index."""
@@ -141,9 +125,7 @@ class SCLDMCounterfactualPipeline(SCLDMPipeline):
             if output_type == "latent":
                 outputs.append(latents)
                 continue
-            decoded = self.vae.decode(latents.to(self.vae.dtype), library_size=library_size[batch])
-            counts = self.vae.sample_counts(decoded.mean, decoded.inverse_dispersion, generator=generator)
-            outputs.append(sp.csr_matrix(counts.cpu().numpy().astype(np.int32)))
+            outputs.append(self.decode_counts(latents, library_size[batch], generator))
         self.maybe_free_model_hooks()
 
         if output_type == "latent":
