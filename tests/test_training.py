@@ -78,11 +78,22 @@ def test_overrides_are_parsed_typed_and_nested():
         ({"lr_warmup_steps": 100}, "lr_warmup_steps=100"),
         ({"push_to_hub": True}, "hub_model_id"),
         ({"mixed_precision": "fp32"}, "mixed_precision"),
+        ({"num_threads": 0}, "num_threads=0 must be > 0"),
     ],
 )
 def test_invalid_config_values_are_rejected(overrides, message):
     with pytest.raises(ConfigurationError, match=message):
         tiny_config(VAETrainingConfig, "vae", **overrides)
+
+
+def test_num_threads_option_sets_torch_threads(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        build_accelerator(tiny_config(VAETrainingConfig, "vae", output_dir=str(tmp_path), num_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_missing_required_option_is_named():

@@ -30,6 +30,8 @@ LossFunction = Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
 
 def build_accelerator(config: TrainingConfig) -> Accelerator:
     """An `Accelerator` for `config` (CPU/GPU, DDP, mixed precision, accumulation, trackers, seeded data order)."""
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
     output_dir = Path(config.output_dir)
     logging_dir = output_dir / "logs"
     trackers = {"csv": [CSVTracker(logging_dir)], "tensorboard": "tensorboard", "none": None}[config.report_to]
