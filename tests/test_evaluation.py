@@ -108,6 +108,7 @@ def test_evaluate_generation_scores_real_cells_above_gene_shuffled_cells(pbmc_sp
     assert shuffled.loc["mean", "classifier_auroc"] > real.loc["mean", "classifier_auroc"] + 0.2
     assert shuffled.loc["mean", "mmd_rbf"] > real.loc["mean", "mmd_rbf"] + 0.05
     assert shuffled.loc["mean", "gene_correlation"] < real.loc["mean", "gene_correlation"]
+    assert real.loc["mean", "gene_correlation_all_cells"] > 0.5 > shuffled.loc["mean", "gene_correlation_all_cells"]
     assert shuffled.loc["mean", "cell_type_f1_generated"] < real.loc["mean", "cell_type_f1_generated"]
 
     summary = summarize(tables)

@@ -40,6 +40,7 @@ METRIC_DESCRIPTIONS = {
     "zero_fraction_pearson": "Pearson r of per-gene fraction of zeros (ideal 1)",
     "zero_fraction_r2": "R^2 of per-gene fraction of zeros (ideal 1)",
     "gene_correlation": "Pearson r between real and generated gene-gene correlations, top-variance genes (ideal 1)",
+    "gene_correlation_all_cells": "same, over all cells at once (conditions pooled; stable with few cells per condition)",
     "classifier_auroc": "cross-validated random-forest AUROC, real vs generated (ideal 0.5)",
     "cell_type_f1_generated": "macro F1 on held-out real cells of a classifier trained on generated cells",
     "cell_type_f1_real": "same, trained on the real training cells (reference)",
@@ -79,7 +80,8 @@ def evaluate_generation(
 
     Returns:
         DataFrame with one row per condition plus "mean" (average over conditions; `n_*` are summed there) and the
-        columns of `METRIC_DESCRIPTIONS`. The `cell_type_f1_*` columns are whole-dataset scores, set in "mean" only.
+        columns of `METRIC_DESCRIPTIONS`. The `gene_correlation_all_cells` and `cell_type_f1_*` columns are
+        whole-dataset scores, set in "mean" only.
     """
     generated = align_genes(real, generated)
     real_log = log_normalize(count_matrix(real, "real"))
@@ -125,6 +127,9 @@ def evaluate_generation(
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.loc["mean"] = table.mean()
     table.loc["mean", ["n_real", "n_generated"]] = table.drop(index="mean")[["n_real", "n_generated"]].sum()
+    table.loc["mean", "gene_correlation_all_cells"] = gene_correlation_agreement(
+        real_log, generated_log, n_top_genes=n_top_genes
+    )
 
     cell_type_key = condition_key if cell_type_key is None else cell_type_key
     real_types = condition_labels(real, cell_type_key)
