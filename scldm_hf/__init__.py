@@ -5,7 +5,7 @@ flow-matching Diffusion Transformer on its latents, shipped as ``SCLDMPipeline``
 ``diffusers.DiffusionPipeline``). Heavy submodules are imported on first use.
 """
 
-import importlib
+from scldm_hf.lazy_exports import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -34,12 +34,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'scldm_hf' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__():

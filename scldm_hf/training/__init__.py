@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from scldm_hf.errors import SCLDMError
+from scldm_hf.lazy_exports import lazy_getattr
 
 from .config import DiTTrainingConfig, FinetuneConfig, TrainingConfig, VAETrainingConfig, load_config, parse_overrides
 
@@ -52,12 +53,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     return 0
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'scldm_hf.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = sorted([
