@@ -40,15 +40,17 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both models")
-    parser.add_argument("--max-train-steps", type=int, default=900)
+    parser.add_argument("--max-train-steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--hidden-size", type=int, default=32)
-    parser.add_argument("--num-latent-tokens", type=int, default=16)
+    parser.add_argument("--num-latent-tokens", type=int, default=64)
     parser.add_argument("--latent-dim", type=int, default=16)
     parser.add_argument("--layers", type=int, default=1, help="encoder and decoder self-attention blocks each")
     parser.add_argument("--value-encoding", choices=["log1p", "concat"], default="log1p")
     parser.add_argument("--count-transform", choices=["log1p", "normalized_log1p"], default="normalized_log1p")
+    parser.add_argument("--thinning-min-fraction", type=float, default=0.3,
+                        help="binomial thinning of training cells (SCVAEConfig.thinning_min_fraction); <= 0 turns it off")
     parser.add_argument("--scvi-epochs", type=int, default=None, help="default: as many epochs as our VAE")
     return parser.parse_args()
 
@@ -95,6 +97,7 @@ def train_ours(train: AnnData, args: argparse.Namespace, workdir: Path) -> tuple
             "decoder_layers": args.layers,
             "value_encoding": args.value_encoding,
             "count_transform": args.count_transform,
+            "thinning_min_fraction": args.thinning_min_fraction if args.thinning_min_fraction > 0 else None,
         },
     )
     start = time.perf_counter()

@@ -229,6 +229,36 @@ def test_gaussian_posterior_samples_in_training_and_uses_mean_in_eval():
     torch.testing.assert_close(output.loss, output.reconstruction_loss + 0.5 * output.kl_loss)
 
 
+def test_thinning_thins_input_and_target_alike_and_only_in_training():
+    model = tiny_model(thinning_min_fraction=0.3)
+    batch = token_batch(seed=8)
+    panel_counts = torch.zeros(3, NUM_GENES)
+    for cell in range(3):
+        expressed = batch["attention_mask"][cell]
+        panel_counts[cell, batch["gene_ids"][cell, expressed] - 1] = batch["counts"][cell, expressed]
+    library_size = panel_counts.sum(-1) + 20  # 20 counts on genes outside the panel
+    counts, attention_mask, thinned_library, thinned_panel = model.thin_cells(
+        **batch, library_size=library_size, panel_counts=panel_counts, generator=torch.Generator().manual_seed(0)
+    )
+    assert (thinned_panel <= panel_counts).all() and thinned_panel.sum() < panel_counts.sum()
+    assert thinned_library.sum() < library_size.sum() and (thinned_library >= thinned_panel.sum(-1)).all()
+    for cell in range(3):
+        tokens = batch["gene_ids"][cell, batch["attention_mask"][cell]]
+        torch.testing.assert_close(counts[cell, batch["attention_mask"][cell]], thinned_panel[cell, tokens - 1])
+    assert torch.equal(attention_mask, batch["attention_mask"] & (counts > 0))
+    with torch.no_grad():
+        evaluated = model(**batch, library_size=library_size, panel_counts=panel_counts)
+        trained = model.train()(**batch, library_size=library_size, panel_counts=panel_counts)
+    expected = -negative_binomial_log_prob(panel_counts, evaluated.mean, evaluated.inverse_dispersion).sum(-1).mean()
+    torch.testing.assert_close(evaluated.loss, expected)
+    assert not torch.isclose(trained.loss, evaluated.loss)
+    with pytest.raises(ConfigurationError, match="thinning_min_fraction"):
+        tiny_config(thinning_min_fraction=0.0)
+    per_cell_panels = torch.arange(1, NUM_GENES + 1).expand(3, NUM_GENES)
+    with pytest.raises(ConfigurationError, match="one gene panel"):
+        model.thin_cells(**batch, library_size=library_size, panel_counts=panel_counts, panel_gene_ids=per_cell_panels)
+
+
 def test_invalid_inputs_raise_clear_errors(model):
     batch = token_batch()
     cases = [

@@ -38,6 +38,11 @@ class SCVAEConfig(PreTrainedConfig):
         kl_weight (`float`, defaults to 0.0):
             0 gives scLDM's deterministic encoder (latents = non-affine LayerNorm of a projection); > 0 adds a
             reparameterised Gaussian posterior and weights its KL to N(0, I) by this factor.
+        thinning_min_fraction (`float`, *optional*):
+            Depth augmentation in training mode: each cell's counts (encoder input and reconstruction target alike)
+            are binomially thinned to a fraction `p ~ U(thinning_min_fraction, 1)`, drawn per cell and step, as if the
+            cell had been sequenced less deeply. The decoder then cannot score well by memorising training cells,
+            which improves held-out reconstruction on small data sets. None (default) trains on the counts as given.
         layer_norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
         attention_bias (`bool`, defaults to False): Bias in attention and MLP projections.
         initializer_range (`float`, defaults to 0.02): Std of the normal initialisation of linear and embedding weights.
@@ -65,6 +70,7 @@ class SCVAEConfig(PreTrainedConfig):
     likelihood: Literal["negative_binomial", "gaussian"] = "negative_binomial"
     dispersion: Literal["gene", "gene-cell"] = "gene"
     kl_weight: float = 0.0
+    thinning_min_fraction: float | None = None
     layer_norm_eps: float = 1e-6
     attention_bias: bool = False
     initializer_range: float = 0.02
@@ -95,6 +101,11 @@ class SCVAEConfig(PreTrainedConfig):
                 )
         if self.kl_weight < 0:
             raise ConfigurationError(f"SCVAEConfig.kl_weight={self.kl_weight} must be >= 0.")
+        if self.thinning_min_fraction is not None and not 0 < self.thinning_min_fraction <= 1:
+            raise ConfigurationError(
+                f"SCVAEConfig.thinning_min_fraction={self.thinning_min_fraction} must be in (0, 1], or None for no "
+                "thinning."
+            )
         if self.gene_names is not None and len(set(self.gene_names)) != len(self.gene_names):
             raise ConfigurationError("SCVAEConfig.gene_names contains duplicate genes; make gene names unique.")
 

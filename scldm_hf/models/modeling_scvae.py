@@ -341,7 +341,12 @@ class SCVAEModel(PreTrainedModel):
         """Encode the gene tokens, decode `panel_gene_ids` (`[G]`; default every vocab gene) and score `panel_counts`.
 
         Accepts a `CellCollator` batch as `model(**batch)`; `covariates` are ignored (the VAE is unconditional).
+        In training mode with `config.thinning_min_fraction`, the cells are first thinned (`thin_cells`).
         """
+        if self.training and self.config.thinning_min_fraction is not None:
+            counts, attention_mask, library_size, panel_counts = self.thin_cells(
+                gene_ids, counts, attention_mask, library_size, panel_counts, panel_gene_ids, generator=generator
+            )
         encoded = self.encode(gene_ids, counts, attention_mask, library_size=library_size, generator=generator)
         decoded = self.decode(encoded.latents, gene_ids=panel_gene_ids, library_size=library_size)
         check_panel_counts(panel_counts, expected_shape=decoded.mean.shape)
@@ -359,6 +364,50 @@ class SCVAEModel(PreTrainedModel):
             mean=decoded.mean,
             inverse_dispersion=decoded.inverse_dispersion,
         )
+
+    def thin_cells(
+        self,
+        gene_ids: torch.LongTensor,
+        counts: torch.Tensor,
+        attention_mask: torch.BoolTensor,
+        library_size: torch.Tensor,
+        panel_counts: torch.Tensor,
+        panel_gene_ids: torch.LongTensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.BoolTensor, torch.Tensor, torch.Tensor]:
+        """Binomially thin each cell to a fraction `p ~ U(config.thinning_min_fraction, 1)` of its counts.
+
+        Takes a batch as `forward` does (`[B, L]` tokens, `library_size [B]`, `panel_counts [B, G]`) and returns
+        thinned `(counts [B, L], attention_mask [B, L], library_size [B], panel_counts [B, G])`: a token keeps the
+        thinned count of its panel gene, so input and target stay one cell; tokens left with no count are masked out
+        (unless none is left), and the counts outside the panel are thinned into `library_size` with the same `p`.
+        """
+        check_gene_tokens(gene_ids, counts, attention_mask, vocab_size=self.config.vocab_size)
+        if panel_gene_ids is None:
+            panel_gene_ids = torch.arange(1, self.config.vocab_size + 1, device=counts.device)
+        check_decoder_genes(panel_gene_ids, batch_size=len(library_size), vocab_size=self.config.vocab_size)
+        if panel_gene_ids.dim() != 1:
+            raise ConfigurationError(
+                "thinning_min_fraction needs one gene panel `[G]` shared by the batch, got per-cell panels "
+                f"{tuple(panel_gene_ids.shape)}; use CellCollator's shared panel or set thinning_min_fraction=None."
+            )
+        low = self.config.thinning_min_fraction
+        keep = low + (1 - low) * torch.rand(len(library_size), 1, generator=generator, device=counts.device)
+        thinned_panel = torch.binomial(panel_counts, keep.expand_as(panel_counts), generator=generator)
+        outside_panel = (library_size - panel_counts.sum(dim=-1)).clamp_min(0)[:, None]
+        thinned_outside = torch.binomial(outside_panel, keep, generator=generator)[:, 0]
+
+        panel_position = torch.full((self.config.vocab_size + 1,), -1, dtype=torch.long, device=counts.device)
+        panel_position[panel_gene_ids] = torch.arange(len(panel_gene_ids), device=counts.device)
+        position = panel_position[gene_ids]
+        thinned = torch.where(
+            position >= 0,
+            thinned_panel.gather(1, position.clamp_min(0)),
+            torch.binomial(counts, keep.expand_as(counts), generator=generator),
+        ) * attention_mask
+        kept = attention_mask.bool() & (thinned > 0)
+        kept = torch.where(kept.any(dim=-1, keepdim=True), kept, attention_mask.bool())
+        return thinned, kept, thinned_panel.sum(dim=-1) + thinned_outside, thinned_panel
 
     def set_latent_statistics(self, latents: torch.Tensor) -> None:
         """Store the mean and std over cells of `latents [N, T, D]` in the config (see `SCVAEConfig.latents_mean`)."""
