@@ -52,13 +52,18 @@ def _generate(args) -> str:
 
     check_num_cells(args.num_cells)
     check_guidance_scale(args.guidance_scale, conditioned=[])
+    if args.conditions_file and args.condition:
+        raise ConfigurationError("pass either --condition KEY=LABEL or --conditions-file, not both.")
+    conditions = (
+        _read_conditions_file(args.conditions_file) if args.conditions_file
+        else _parse_conditions(args.condition, args.num_cells)
+    )
     pipe = load_pipeline(args.model)
 
     generator = torch.Generator().manual_seed(args.seed)
-    conditions = _parse_conditions(args.condition, args.num_cells)
     output = pipe(
         conditions=conditions,
-        num_cells=args.num_cells,
+        num_cells=None if args.conditions_file else args.num_cells,
         guidance_scale=args.guidance_scale,
         num_inference_steps=args.steps,
         generator=generator,
@@ -66,6 +71,18 @@ def _generate(args) -> str:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     output.cells.write_h5ad(args.out)
     return f"{output.cells.n_obs} cells written to {args.out}"
+
+
+def _read_conditions_file(path: str):
+    """A CSV with a header of covariate names and one row of labels per cell to generate."""
+    import pandas as pd
+
+    if not Path(path).is_file():
+        raise InputDataError(f"No conditions file at {path}: pass a CSV with one column per covariate, one row per cell.")
+    conditions = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if conditions.empty:
+        raise InputDataError(f"{path} has no rows: write one row of labels per cell to generate.")
+    return conditions
 
 
 def _read_h5ad(path: str, what: str):
@@ -118,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate cells with a saved SCLDMPipeline")
     generate.add_argument("model", help="pipeline folder or Hub repo id (from the local cache)")
     generate.add_argument("--condition", action="append", default=[], help="KEY=LABEL (repeatable)")
+    generate.add_argument("--conditions-file", help="CSV, one column per covariate and one row per cell (e.g. real "
+                          "cells' obs): generates one cell per row, replacing --condition and --num-cells")
     generate.add_argument("--num-cells", type=int, default=100)
     generate.add_argument("--guidance-scale", type=float, default=1.0)
     generate.add_argument("--steps", type=int, default=25)

@@ -137,6 +137,20 @@ def test_generate_writes_reproducible_integer_cells(generated, trained, workdir,
     assert (ad.read_h5ad(workdir / "again.h5ad").X != cells.X).nnz == 0
 
 
+def test_generate_from_a_conditions_file_makes_one_cell_per_row(trained, workdir, capsys):
+    labels = [CELL_TYPE, OTHER_CELL_TYPE, CELL_TYPE]
+    pd.DataFrame({"cell_type": labels}).to_csv(workdir / "labels.csv", index=False)
+    out = workdir / "from_file.h5ad"
+    run_ok(["generate", trained, "--conditions-file", workdir / "labels.csv", "--steps", 2, "--out", out], capsys)
+    assert list(ad.read_h5ad(out).obs["cell_type"]) == labels
+    assert "not both" in run_error(
+        ["generate", trained, "--conditions-file", workdir / "labels.csv", "--condition", f"cell_type={CELL_TYPE}"],
+        capsys,
+    )
+    pd.DataFrame({"cell_type": ["no such type"]}).to_csv(workdir / "unknown.csv", index=False)
+    assert "no such type" in run_error(["generate", trained, "--conditions-file", workdir / "unknown.csv"], capsys)
+
+
 def test_evaluate_writes_metrics_per_condition(generated, workdir, capsys):
     out = workdir / "metrics.csv"
     with pytest.warns(UserWarning, match="Skipped conditions"):
