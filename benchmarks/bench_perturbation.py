@@ -180,23 +180,29 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def training_overrides(covariates: list[str], args) -> dict:
-    """Recipe overrides shared by every scLDM training of the benchmark (both stages, or fine-tuning)."""
-    return {"covariates": covariates, "max_train_steps": args.steps, "lr_warmup_steps": min(30, args.steps),
-            "seed": args.seed}
+def step_overrides(steps: int) -> dict:
+    """Optimizer steps of one training, with the recipe's warm-up capped to them."""
+    return {"max_train_steps": steps, "lr_warmup_steps": min(30, steps)}
+
+
+def training_overrides(covariates: list[str], steps: int, args) -> dict:
+    """Recipe overrides shared by every scLDM training of the benchmark (a stage, or fine-tuning)."""
+    return {"covariates": covariates, "seed": args.seed, **step_overrides(steps)}
 
 
 def train_from_scratch(train: AnnData, output_dir: Path, args) -> Path:
     """Both scLDM stages on `train` with the recipe, conditioned on cell_type x condition; the pipeline folder."""
-    return train_scldm(train, "cell_type", RECIPE, output_dir, training_overrides(["cell_type", "condition"], args),
-                       dit_overrides={"condition_dropout_mode": args.dropout_mode})
+    return train_scldm(train, "cell_type", RECIPE, output_dir,
+                       training_overrides(["cell_type", "condition"], args.vae_steps, args),
+                       dit_overrides=step_overrides(args.steps) | {"condition_dropout_mode": args.dropout_mode})
 
 
 def pretrain_observational(cells: AnnData, output_dir: Path, args) -> Path:
     """One pipeline on the control cells of every type (in every fold's training set), conditioned on cell_type."""
     control = cells[(cells.obs["condition"] == "control").to_numpy()]
     control = control[np.asarray(control.X.sum(axis=1)).ravel() > 0].copy()
-    return train_scldm(control, "cell_type", RECIPE, output_dir, training_overrides(["cell_type"], args))
+    return train_scldm(control, "cell_type", RECIPE, output_dir, training_overrides(["cell_type"], args.vae_steps, args),
+                       dit_overrides=step_overrides(args.steps))
 
 
 def finetune_on_fold(pretrained_dir: Path, train: AnnData, output_dir: Path, args) -> Path:
@@ -204,9 +210,9 @@ def finetune_on_fold(pretrained_dir: Path, train: AnnData, output_dir: Path, arg
     output_dir.mkdir(parents=True, exist_ok=True)
     train_path = output_dir / "train.h5ad"
     train.write_h5ad(train_path)
-    overrides = training_overrides(["cell_type", "condition"], args) | {
+    overrides = training_overrides(["cell_type", "condition"], args.steps, args) | {
         "pipeline_name_or_path": str(pretrained_dir), "data": str(train_path),
-        "output_dir": str(output_dir / "pipeline"), "vae_max_train_steps": args.steps,
+        "output_dir": str(output_dir / "pipeline"), "vae_max_train_steps": args.vae_steps,
         "condition_dropout_mode": args.dropout_mode,
     }
     finetune(load_config(FinetuneConfig, RECIPE, overrides, section="finetune"))
@@ -288,7 +294,9 @@ def run_fold(cells: AnnData, held_out: str, genes: pd.Index, pretrained_dir: Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folds", nargs="+", default=CELL_TYPES, choices=CELL_TYPES, help="held-out cell types")
-    parser.add_argument("--steps", type=int, default=300, help="training (and fine-tuning) steps of each scLDM stage")
+    parser.add_argument("--steps", type=int, default=300, help="training (and fine-tuning) steps of the DiT")
+    parser.add_argument("--vae-steps", type=int, default=None, help="training (and fine-tuning) steps of the VAE "
+                        "(default: --steps)")
     parser.add_argument("--genes", type=int, default=500, help="highly variable genes per fold")
     parser.add_argument("--scvi-epochs", type=int, default=60, help="scVI epochs for scGen (0 skips it)")
     parser.add_argument("--dropout-mode", choices=["joint", "independent"], default="independent",
@@ -303,6 +311,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.folds, args.steps, args.genes, args.scvi_epochs = ["CD14+Mono"], 150, 300, 30
+    args.vae_steps = args.vae_steps or args.steps
     torch.set_num_threads(1)
 
     cells = load_kang()
