@@ -73,10 +73,15 @@ def main() -> None:
     parser.add_argument("--scvi-epochs", type=int, default=200)
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (training and sampling)")
+    parser.add_argument("--max-train-steps", type=int, default=None,
+                        help="steps of both scLDM stages (default: the recipe's, VAE 900 and DiT 2000)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    overrides = {"num_threads": args.threads}
+    if args.max_train_steps:
+        overrides["max_train_steps"] = args.max_train_steps
     sections = []
     for name in args.datasets:
         cells, label_key = load_dataset(name)
@@ -85,7 +90,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as workdir:
             result = run_side_by_side(train, floor, test, label_key, args.recipe, workdir,
                                       guidance_scale=args.guidance_scale, scvi_epochs=args.scvi_epochs,
-                                      recipe_overrides={"num_threads": args.threads})
+                                      recipe_overrides=overrides)
         table = result.summary[[column for column in COLUMNS if column in result.summary]]
         section = (
             f"### {name}: {cells.n_obs} cells x {cells.n_vars} genes, {train.n_obs}/{floor.n_obs}/{test.n_obs} "
@@ -96,6 +101,7 @@ def main() -> None:
 
     command = "python benchmarks/bench_generation.py " + " ".join(
         f"--datasets {' '.join(args.datasets)}".split() + [f"--recipe {args.recipe.relative_to(ROOT)}"]
+        + ([f"--max-train-steps {args.max_train_steps}"] if args.max_train_steps else [])
     )
     with args.results.open("a") as results:
         results.write(f"\n## Generation side by side (bench_generation.py)\n\nCommand: `{command}`\n\n")
