@@ -59,7 +59,8 @@ def load_dataset(name: str) -> tuple[ad.AnnData, str]:
         return most_variable_genes(read_shared("kang2018_pbmc_ifnb_counts.h5ad")), "cell_type"
     if name == "celltypist":
         cells = most_variable_genes(read_shared("celltypist_sample_counts.h5ad"))
-        pcs = fit_real_pca(log_normalize(cells.X)).transform(log_normalize(cells.X))
+        expression = log_normalize(cells.X)
+        pcs = fit_real_pca(expression).transform(expression)
         clusters = KMeans(NUM_CLUSTERS, n_init=10, random_state=0).fit_predict(pcs)
         cells.obs["cluster"] = [f"cluster {index}" for index in clusters]
         return cells, "cluster"

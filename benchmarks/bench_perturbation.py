@@ -172,12 +172,7 @@ class HeldOutCells:
 
 def markdown(frame: pd.DataFrame) -> str:
     """`frame` (index included) as a markdown table, numbers to 3 decimals (NaN: undefined, e.g. no change)."""
-    frame = frame.reset_index()
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * frame.shape[1]]
-    for row in frame.itertuples(index=False):
-        cells = (f"{value:.3f}" if isinstance(value, float) else str(value) for value in row)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return frame.reset_index().to_markdown(index=False, floatfmt=".3f")
 
 
 def step_overrides(steps: int) -> dict:
