@@ -12,6 +12,7 @@ generates `--num-cells` cells with the real cell-type composition and reports:
   cells' log1p(CP10k) expression, and its change relative to 50-step Euler.
 
     python benchmarks/bench_sampling.py --threads 1
+    python benchmarks/bench_sampling.py --device cuda   # peak and FLOP/s then refer to the GPU's float32 matmuls
 """
 
 import argparse
@@ -48,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the pipeline samples (e.g. cuda)")
     return parser.parse_args()
 
 
@@ -60,42 +62,58 @@ def trained_pipeline(work_dir: Path, real):
     return pipe
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
-    """Best float32 FLOP/s of `size x size` matmuls (the machine's practical peak at the current thread count)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_flops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """Best float32 FLOP/s of `size x size` matmuls on `device` (its practical peak; on CPU at the current thread
+    count)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         torch.matmul(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def one_batch(pipe, covariates: dict[str, torch.LongTensor], cells: int):
+    """Random latents `[cells, T, D]`, the first `cells` covariates, a mid-flow timestep and library sizes `[cells]`,
+    on the pipeline's device."""
+    config, device = pipe.transformer.config, pipe.device
+    latents = torch.randn(cells, config.num_latent_tokens, config.latent_dim, device=device)
+    covariates = {name: ids[:cells].to(device) for name, ids in covariates.items()}
+    return latents, covariates, torch.tensor(500.0, device=device), torch.full((cells,), 1000.0, device=device)
 
 
 @torch.no_grad()
 def flops_per_cell(pipe, covariates: dict[str, torch.LongTensor], guidance_scale: float, cells: int = 256):
     """(FLOPs of one guided velocity evaluation, FLOPs of decoding) per cell, counted on `cells` cells."""
-    config = pipe.transformer.config
-    latents = torch.randn(cells, config.num_latent_tokens, config.latent_dim)
-    covariates = {name: ids[:cells] for name, ids in covariates.items()}
+    latents, covariates, timestep, library_size = one_batch(pipe, covariates, cells)
     with FlopCounterMode(display=False) as counter:
-        pipe.predict_velocity(latents, torch.tensor(500.0), covariates, guidance_scale)
+        pipe.predict_velocity(latents, timestep, covariates, guidance_scale)
     velocity_flops = counter.get_total_flops() / cells
     with FlopCounterMode(display=False) as counter:
-        pipe.vae.decode(latents, library_size=torch.full((cells,), 1000.0))
+        pipe.vae.decode(latents, library_size=library_size)
     return velocity_flops, counter.get_total_flops() / cells
 
 
 @torch.no_grad()
 def component_rates(pipe, covariates, guidance_scale, velocity_flops, decode_flops, cells: int) -> dict[str, float]:
     """GFLOP/s of one guided velocity evaluation and of `decode_counts` (decoding + NB counts), each timed alone."""
-    config = pipe.transformer.config
-    latents = torch.randn(cells, config.num_latent_tokens, config.latent_dim)
-    covariates = {name: ids[:cells] for name, ids in covariates.items()}
+    latents, covariates, timestep, library_size = one_batch(pipe, covariates, cells)
+    synchronize(pipe.device)
     start = time.perf_counter()
-    pipe.predict_velocity(latents, torch.tensor(500.0), covariates, guidance_scale)
+    pipe.predict_velocity(latents, timestep, covariates, guidance_scale)
+    synchronize(pipe.device)
     velocity_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    pipe.decode_counts(latents, torch.full((cells,), 1000.0))
+    pipe.decode_counts(latents, library_size)
     decode_seconds = time.perf_counter() - start
     return {
         "velocity GFLOP/s": cells * velocity_flops / velocity_seconds / 1e9,
@@ -110,13 +128,16 @@ def number_of_function_evaluations(name: str, steps: int) -> int:
 
 
 def profile_one_batch(pipe, conditions, args) -> str:
-    """Top operators (self CPU time) of one pipeline call on one batch with 10 Euler steps."""
+    """Top operators (self CPU time; on a GPU self device time) of one pipeline call on one batch with 10 Euler
+    steps."""
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     batch = {name: labels[: args.batch_size] for name, labels in conditions.items()}
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    on_gpu = pipe.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu) as profiler:
         pipe(conditions=batch, num_inference_steps=10, guidance_scale=args.guidance_scale,
              generator=torch.Generator().manual_seed(args.seed))
-    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=12)
 
 
 def main() -> None:
@@ -125,7 +146,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     real = load_pbmc68k_counts()
-    pipe = trained_pipeline(Path(args.work_dir), real)
+    pipe = trained_pipeline(Path(args.work_dir), real).to(args.device)
     torch.set_num_threads(args.threads)  # scanpy calls during training reset torch's thread count
     scheduler_config = pipe.scheduler.config
 
@@ -138,7 +159,7 @@ def main() -> None:
     real_pcs = pca.transform(real_log)
     scored_cells = rng.choice(args.num_cells, size=min(2000, args.num_cells), replace=False)
 
-    peak_before = matmul_peak_flops()
+    peak_before = matmul_peak_flops(pipe.device)
     velocity_flops, decode_flops = flops_per_cell(pipe, covariates, args.guidance_scale)
     print(f"FLOPs per cell: {velocity_flops / 1e6:.2f} M per velocity evaluation, {decode_flops / 1e6:.2f} M decoding")
     rates = component_rates(pipe, covariates, args.guidance_scale, velocity_flops, decode_flops, args.batch_size)
@@ -172,12 +193,14 @@ def main() -> None:
         print(f"{name} {steps} steps: {seconds:.1f} s", flush=True)
 
     # the machine is shared: the best of two peak measurements is the least disturbed one
-    peak = max(peak_before, matmul_peak_flops())
-    print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({args.threads} threads; best of before and after the runs)")
+    peak = max(peak_before, matmul_peak_flops(pipe.device))
+    print(f"float32 matmul peak on {pipe.device}: {peak / 1e9:.1f} GFLOP/s ({args.threads} CPU threads; best of "
+          "before and after the runs)")
     for row in rows:
         row["% of peak"] = 100 * row["GFLOP/s"] * 1e9 / peak
     header = list(rows[0])
-    print(f"\n{args.num_cells} cells, guidance {args.guidance_scale}, batch {args.batch_size}, {args.threads} threads; "
+    print(f"\n{args.num_cells} cells on {pipe.device}, guidance {args.guidance_scale}, batch {args.batch_size}, "
+          f"{args.threads} CPU threads; "
           f"reference: {REFERENCE[0]} {REFERENCE[1]} steps\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -254,8 +254,9 @@ def test_two_cpu_processes_train_one_model_on_disjoint_halves(corpus, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), str(worker), str(TINY), json.dumps(overrides)]
-    result = subprocess.run(command, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=300)
+    # no GPU visible: on a one-GPU machine both ranks would otherwise be placed on cuda:0 and cuda:1
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
     cells = [set(json.loads((output_dir / f"cells_rank{rank}.json").read_text())) for rank in (0, 1)]

@@ -58,14 +58,17 @@ def sample_negative_binomial(
 ) -> torch.LongTensor:
     """Draw counts by gamma-Poisson mixing: `rate ~ Gamma(theta, rate=theta / mean)`, `counts ~ Poisson(rate)`.
 
-    `mean [B, G]`; `inverse_dispersion` broadcastable to it (`[G]` or `[B, G]`), or None for Poisson(mean).
+    `mean [B, G]`; `inverse_dispersion` broadcastable to it (`[G]` or `[B, G]`), or None for Poisson(mean). The draws
+    happen on the generator's device, so a CPU generator works with a GPU model (as in diffusers); the counts come
+    back on `mean`'s device.
     """
-    rate = mean
+    sampling_device = generator.device if generator is not None else mean.device
+    rate = mean.to(sampling_device)
     if inverse_dispersion is not None:
-        theta = inverse_dispersion.expand_as(mean)
+        theta = inverse_dispersion.to(sampling_device).expand_as(rate)
         # torch.distributions.Gamma cannot take a generator; its sampler can.
-        rate = torch._standard_gamma(theta, generator=generator) * mean / theta
-    return torch.poisson(rate, generator=generator).long()
+        rate = torch._standard_gamma(theta, generator=generator) * rate / theta
+    return torch.poisson(rate, generator=generator).long().to(mean.device)
 
 
 def normalized_log1p(counts: torch.Tensor, library_size: torch.Tensor, target_sum: float) -> torch.Tensor:
