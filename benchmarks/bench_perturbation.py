@@ -7,8 +7,9 @@ the real held-out cells. Predictions:
 - ``scLDM fine-tuned generate / counterfactual``: the same from a pipeline pretrained once on observational data
   only (the control cells of every type, which every fold trains on; conditioned on cell_type) and fine-tuned per
   fold on its training cells with the new ``condition`` covariate (`scldm_hf.training.finetune`: VAE, then DiT,
-  the recipe's ``finetune`` section, as many steps as from scratch). Its vocabulary is the union of every fold's
-  genes (604 at 500 HVGs): it is trained on counts over those genes and scored on the fold's genes;
+  the recipe's ``finetune`` section, as many steps as from scratch; ``--finetune-vae-steps`` sets the VAE's, 0
+  freezes it). Its vocabulary is the union of every fold's genes (604 at 500 HVGs): it is trained on counts over
+  those genes and scored on the fold's genes;
 - ``no change``: T's control cells as they are;
 - ``mean shift``: T's control cells plus the mean stimulated - control shift (log1p CP10k) of the other types;
 - ``scGen (scVI)``: scGen-style latent arithmetic with scVI: T's control latents plus the mean stimulated - control
@@ -207,8 +208,8 @@ def finetune_on_fold(pretrained_dir: Path, train: AnnData, output_dir: Path, arg
     train.write_h5ad(train_path)
     overrides = training_overrides(["cell_type", "condition"], args.steps, args) | {
         "pipeline_name_or_path": str(pretrained_dir), "data": str(train_path),
-        "output_dir": str(output_dir / "pipeline"), "vae_max_train_steps": args.vae_steps,
-        "condition_dropout_mode": args.dropout_mode,
+        "output_dir": str(output_dir / "pipeline"), "condition_dropout_mode": args.dropout_mode,
+        "freeze_vae": args.finetune_vae_steps == 0, "vae_max_train_steps": args.finetune_vae_steps,
     }
     finetune(load_config(FinetuneConfig, RECIPE, overrides, section="finetune"))
     return output_dir / "pipeline"
@@ -292,6 +293,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training (and fine-tuning) steps of the DiT")
     parser.add_argument("--vae-steps", type=int, default=None, help="training (and fine-tuning) steps of the VAE "
                         "(default: --steps)")
+    parser.add_argument("--finetune-vae-steps", type=int, default=None, help="VAE fine-tuning steps of the "
+                        "fine-tuned rows (default: --vae-steps; 0 keeps the pretrained VAE, only the DiT learns)")
     parser.add_argument("--genes", type=int, default=500, help="highly variable genes per fold")
     parser.add_argument("--scvi-epochs", type=int, default=60, help="scVI epochs for scGen (0 skips it)")
     parser.add_argument("--dropout-mode", choices=["joint", "independent"], default="independent",
@@ -307,6 +310,7 @@ def main() -> None:
     if args.quick:
         args.folds, args.steps, args.genes, args.scvi_epochs = ["CD14+Mono"], 150, 300, 30
     args.vae_steps = args.vae_steps or args.steps
+    args.finetune_vae_steps = args.vae_steps if args.finetune_vae_steps is None else args.finetune_vae_steps
     torch.set_num_threads(1)
 
     cells = load_kang()
