@@ -276,6 +276,6 @@ def test_two_cpu_processes_train_one_model_on_disjoint_halves(corpus, tmp_path):
                     "multi-process launch without --cpu would train independent copies)")
 def test_multi_process_launch_without_cpu_flag_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    config = tiny_config(VAETrainingConfig, "vae", output_dir=str(tmp_path))
+    config = tiny_config(VAETrainingConfig, "vae", output_dir=str(tmp_path), cpu=False)  # the user forgot --cpu
     with pytest.raises(ConfigurationError, match="pass --cpu"):
         build_accelerator(config)
