@@ -7,7 +7,7 @@ the real held-out cells. Predictions:
 - ``scLDM fine-tuned generate / counterfactual``: the same from a pipeline pretrained once on observational data
   only (the control cells of every type, which every fold trains on; conditioned on cell_type) and fine-tuned per
   fold on its training cells with the new ``condition`` covariate (`scldm_hf.training.finetune`: VAE, then DiT,
-  the recipe's ``finetune`` section, as many steps as from scratch; ``--finetune-vae-steps`` sets the VAE's, 0
+  the recipe's ``finetune`` section; the DiT as many steps as from scratch, the VAE ``--finetune-vae-steps``, 0
   freezes it). Its vocabulary is the union of every fold's genes (604 at 500 HVGs): it is trained on counts over
   those genes and scored on the fold's genes;
 - ``no change``: T's control cells as they are;
@@ -291,10 +291,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folds", nargs="+", default=CELL_TYPES, choices=CELL_TYPES, help="held-out cell types")
     parser.add_argument("--steps", type=int, default=300, help="training (and fine-tuning) steps of the DiT")
-    parser.add_argument("--vae-steps", type=int, default=None, help="training (and fine-tuning) steps of the VAE "
-                        "(default: --steps)")
-    parser.add_argument("--finetune-vae-steps", type=int, default=None, help="VAE fine-tuning steps of the "
-                        "fine-tuned rows (default: --vae-steps; 0 keeps the pretrained VAE, only the DiT learns)")
+    parser.add_argument("--vae-steps", type=int, default=900, help="training steps of the VAE")
+    parser.add_argument("--finetune-vae-steps", type=int, default=150, help="VAE fine-tuning steps of the "
+                        "fine-tuned rows (as many as from scratch move the latents under the DiT; 0 freezes the VAE)")
     parser.add_argument("--genes", type=int, default=500, help="highly variable genes per fold")
     parser.add_argument("--scvi-epochs", type=int, default=60, help="scVI epochs for scGen (0 skips it)")
     parser.add_argument("--dropout-mode", choices=["joint", "independent"], default="independent",
@@ -304,13 +303,11 @@ def main() -> None:
     parser.add_argument("--inference-steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
-                        help="one fold (CD14+Mono), 150 steps, 300 genes, 30 scVI epochs")
+                        help="one fold (CD14+Mono), 150 DiT and 300 VAE steps, 300 genes, 30 scVI epochs")
     parser.add_argument("--output-dir", type=Path, default=None, help="keep the trained models here (default: temp)")
     args = parser.parse_args()
     if args.quick:
-        args.folds, args.steps, args.genes, args.scvi_epochs = ["CD14+Mono"], 150, 300, 30
-    args.vae_steps = args.vae_steps or args.steps
-    args.finetune_vae_steps = args.vae_steps if args.finetune_vae_steps is None else args.finetune_vae_steps
+        args.folds, args.steps, args.vae_steps, args.genes, args.scvi_epochs = ["CD14+Mono"], 150, 300, 300, 30
     torch.set_num_threads(1)
 
     cells = load_kang()
