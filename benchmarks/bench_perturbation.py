@@ -290,7 +290,7 @@ def run_fold(cells: AnnData, held_out: str, genes: pd.Index, pretrained_dir: Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folds", nargs="+", default=CELL_TYPES, choices=CELL_TYPES, help="held-out cell types")
-    parser.add_argument("--steps", type=int, default=300, help="training (and fine-tuning) steps of the DiT")
+    parser.add_argument("--steps", type=int, default=600, help="training (and fine-tuning) steps of the DiT")
     parser.add_argument("--vae-steps", type=int, default=900, help="training steps of the VAE")
     parser.add_argument("--finetune-vae-steps", type=int, default=150, help="VAE fine-tuning steps of the "
                         "fine-tuned rows (as many as from scratch move the latents under the DiT; 0 freezes the VAE)")
