@@ -30,7 +30,8 @@ from scldm_hf.evaluation.side_by_side import run_side_by_side, stratified_split
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 COLUMNS = ["mmd_rbf", "wasserstein_2", "energy_distance", "nn_accuracy", "precision", "recall", "mean_pearson",
-           "variance_pearson", "gene_correlation", "gene_correlation_all_cells", "classifier_auroc", "cell_type_f1_generated", "wall_time_s"]
+           "variance_pearson", "gene_correlation", "gene_correlation_all_cells", "classifier_auroc",
+           "cell_type_f1_generated", "wall_time_s"]
 
 
 DATASETS = ("pbmc68k", "kang2018", "celltypist")

@@ -80,10 +80,15 @@ def fold_genes(cells: AnnData, held_out: str, num_genes: int) -> pd.Index:
     return train.var_names[variable["highly_variable"].to_numpy()]
 
 
+def with_counts(cells: AnnData) -> AnnData:
+    """`cells` without the empty ones (no counts on these genes)."""
+    return cells[np.asarray(cells.X.sum(axis=1)).ravel() > 0]
+
+
 def split_held_out(cells: AnnData, held_out: str) -> tuple[AnnData, AnnData, AnnData]:
     """The cells with counts split into training cells (all but (T, stimulated)), T's control cells and the real
     (T, stimulated) cells."""
-    cells = cells[np.asarray(cells.X.sum(axis=1)).ravel() > 0]
+    cells = with_counts(cells)
     held = is_held_out(cells.obs, held_out)
     control = (cells.obs["cell_type"] == held_out).to_numpy() & ~held
     return cells[~held].copy(), cells[control].copy(), cells[held].copy()
@@ -195,8 +200,7 @@ def train_from_scratch(train: AnnData, output_dir: Path, args) -> Path:
 
 def pretrain_observational(cells: AnnData, output_dir: Path, args) -> Path:
     """One pipeline on the control cells of every type (in every fold's training set), conditioned on cell_type."""
-    control = cells[(cells.obs["condition"] == "control").to_numpy()]
-    control = control[np.asarray(control.X.sum(axis=1)).ravel() > 0].copy()
+    control = with_counts(cells[(cells.obs["condition"] == "control").to_numpy()]).copy()
     return train_scldm(control, "cell_type", RECIPE, output_dir, training_overrides(["cell_type"], args.vae_steps, args),
                        dit_overrides=step_overrides(args.steps))
 
