@@ -13,6 +13,7 @@ import pytest
 import scanpy as sc
 import torch
 
+from scldm_hf.errors import ConfigurationError
 from scldm_hf.evaluation import log_normalize
 from scldm_hf.evaluation.side_by_side import train_scldm
 from scldm_hf.pipelines import SCLDMCounterfactualPipeline, SCLDMPipeline
@@ -93,13 +94,18 @@ def test_stimulated_monocytes_express_interferon_genes(editor):
     assert np.all(interferon_score(stimulated) > interferon_score(control))
 
 
-def test_counterfactual_is_paired_with_its_input(editor, kang):
+def responding_controls(kang, num_cells: int = 50):
     is_control = (kang.obs["cell_type"] == RESPONDING_TYPE) & (kang.obs["condition"] == "control")
-    controls = kang[is_control.to_numpy()][:50].copy()
+    return kang[is_control.to_numpy()][:num_cells].copy()
+
+
+@pytest.mark.parametrize("edit_method", ["inversion", "difference", "flowedit"])
+def test_counterfactual_is_paired_with_its_input(editor, kang, edit_method):
+    controls = responding_controls(kang)
     controls.obs["donor_note"] = [f"cell {index}" for index in range(controls.n_obs)]
     edited = editor(
-        controls, {"condition": "stimulated"}, guidance_scale=GUIDANCE, num_inference_steps=10,
-        generator=torch.Generator().manual_seed(0),
+        controls, {"condition": "stimulated"}, guidance_scale=GUIDANCE, edit_method=edit_method,
+        num_inference_steps=10, generator=torch.Generator().manual_seed(0),
     ).cells
 
     assert list(edited.obs_names) == list(controls.obs_names)
@@ -110,3 +116,31 @@ def test_counterfactual_is_paired_with_its_input(editor, kang):
     depth_ratio = np.asarray(edited.X.sum(axis=1)).ravel() / np.asarray(controls.X.sum(axis=1)).ravel()
     assert 0.7 < np.median(depth_ratio) < 1.3
     assert np.all(interferon_score(edited) > interferon_score(controls))
+
+
+@pytest.mark.parametrize("edit_method", ["difference", "flowedit"])
+def test_unchanged_labels_return_the_cells_own_latents(editor, kang, edit_method):
+    controls = responding_controls(kang, num_cells=20)
+    edited = editor(controls, edit_method=edit_method, num_inference_steps=5, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).cells
+    own = torch.from_numpy(editor.vae.encode_dataset(controls))
+    torch.testing.assert_close(edited, own, rtol=1e-4, atol=1e-4)
+    inverted = editor(controls, num_inference_steps=5, output_type="latent").cells
+    assert not torch.allclose(inverted, own, rtol=1e-4, atol=1e-4)  # the Euler round trip alone is not exact
+
+
+def test_flowedit_is_reproducible_with_a_seed(editor, kang):
+    controls = responding_controls(kang, num_cells=20)
+
+    def flowedit(seed: int) -> torch.Tensor:
+        return editor(controls, {"condition": "stimulated"}, edit_method="flowedit", num_inference_steps=5,
+                      output_type="latent", generator=torch.Generator().manual_seed(seed)).cells
+
+    first = flowedit(0)
+    torch.testing.assert_close(first, flowedit(0), rtol=0, atol=0)
+    assert not torch.allclose(first, flowedit(1))
+
+
+def test_unknown_edit_method_names_the_choices(editor, kang):
+    with pytest.raises(ConfigurationError, match="edit_method='ddim'.*inversion"):
+        editor(responding_controls(kang, num_cells=5), edit_method="ddim")
