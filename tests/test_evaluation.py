@@ -1,9 +1,13 @@
-"""Evaluation metrics, reconstruction metrics and baselines on Gaussian toys and the bundled PBMC68k counts."""
+"""Evaluation metrics, reconstruction metrics, baselines and the side-by-side training helper on Gaussian toys and
+the bundled PBMC68k counts."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from safetensors.torch import load_file
 
 from scldm_hf.data import load_pbmc68k_counts
 from scldm_hf.errors import ConditionError, InputDataError
@@ -25,6 +29,7 @@ from scldm_hf.evaluation import (
     summarize,
     wasserstein,
 )
+from scldm_hf.evaluation.side_by_side import train_scldm
 
 LABEL_KEY = "cell_type"
 
@@ -172,3 +177,21 @@ def test_scvi_generator_samples_integer_counts_per_label(pbmc_splits):
     assert generated.shape == (30, train.n_vars)
     assert np.array_equal(counts, np.round(counts)) and counts.min() >= 0 and counts.sum() > 0
     assert list(generated.obs[LABEL_KEY].astype(str)) == labels
+
+
+def test_train_scldm_reuses_a_trained_vae_and_retrains_the_dit(pbmc_splits, tmp_path):
+    train, _, _ = pbmc_splits
+    recipe = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
+    pipeline_dir = train_scldm(train, LABEL_KEY, recipe, tmp_path)
+    vae_weights = tmp_path / "vae" / "model.safetensors"
+    vae_written = vae_weights.stat().st_mtime_ns
+    dit_weights = next((pipeline_dir / "transformer").glob("*.safetensors"))
+    first_dit = load_file(dit_weights)
+
+    again = train_scldm(train, LABEL_KEY, recipe, tmp_path, dit_overrides={"max_train_steps": 6}, reuse_vae=True)
+    assert vae_weights.stat().st_mtime_ns == vae_written
+    retrained = load_file(next((again / "transformer").glob("*.safetensors")))
+    assert any(not torch.equal(first_dit[name], retrained[name]) for name in first_dit)
+
+    train_scldm(train, LABEL_KEY, recipe, tmp_path, {"seed": 1}, reuse_vae=True)  # another VAE config: retrained
+    assert vae_weights.stat().st_mtime_ns != vae_written

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from anndata import AnnData
 from sklearn.model_selection import train_test_split
 
@@ -25,6 +26,8 @@ from scldm_hf.evaluation.baselines import NaiveNBBaseline, ScviGenerator
 from scldm_hf.evaluation.evaluate import evaluate_generation, summarize
 from scldm_hf.loading import load_pipeline
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
+from scldm_hf.training.config import config_to_dict
+from scldm_hf.training.hub import TRAINING_CONFIG_FILE
 from scldm_hf.training.dit import train_dit
 from scldm_hf.training.vae import train_vae
 
@@ -56,6 +59,17 @@ def stratified_split(
     return tuple(adata[np.sort(part)].copy() for part in parts)
 
 
+def was_trained_with(model_dir: Path, config: VAETrainingConfig) -> bool:
+    """Whether `model_dir` holds weights, a corpus and a ``training_config.yaml`` equal to `config`."""
+    saved = model_dir / TRAINING_CONFIG_FILE
+    return (
+        (model_dir / "model.safetensors").is_file()
+        and (model_dir / "corpus").is_dir()
+        and saved.is_file()
+        and yaml.safe_load(saved.read_text()) == config_to_dict(config)
+    )
+
+
 def train_scldm(
     train: AnnData,
     label_key: str,
@@ -63,17 +77,23 @@ def train_scldm(
     output_dir: Path,
     overrides: dict | None = None,
     dit_overrides: dict | None = None,
+    reuse_vae: bool = False,
 ) -> Path:
     """Both stages on `train` (written as ``output_dir/train.h5ad``) with `recipe`; returns the pipeline folder.
 
-    `overrides` apply to both stages, `dit_overrides` to the DiT stage only.
+    `overrides` apply to both stages, `dit_overrides` to the DiT stage only. `reuse_vae` skips the VAE stage when
+    ``output_dir/vae`` holds a VAE trained with the very same training config (a rerun that changes only the DiT: VAE
+    training is deterministic for a seed on one CPU thread, so the reused VAE is the one this call would train).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     train_path = output_dir / "train.h5ad"
     train.write_h5ad(train_path)
     shared = {"covariates": [label_key], **(overrides or {})}
     vae_dir, pipeline_dir = output_dir / "vae", output_dir / "pipeline"
-    train_vae(load_config(VAETrainingConfig, recipe, {**shared, "output_dir": str(vae_dir), "data": str(train_path)}, section="vae"))
+    vae_config = load_config(VAETrainingConfig, recipe, {**shared, "output_dir": str(vae_dir), "data": str(train_path)},
+                             section="vae")
+    if not (reuse_vae and was_trained_with(vae_dir, vae_config)):
+        train_vae(vae_config)
     dit_overrides = {
         **shared, **(dit_overrides or {}),
         "output_dir": str(pipeline_dir), "data": str(vae_dir / "corpus"), "vae_name_or_path": str(vae_dir),
