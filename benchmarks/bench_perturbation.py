@@ -261,8 +261,8 @@ def scldm_predictions(pipeline_dir: Path, control: AnnData, num_cells: int, held
     predictions = {"generate": log_normalize(generated[:, genes].X)}
     for method in args.edit_methods:
         edited = editor(control, {"condition": "stimulated"}, edit_method=method,
-                        guidance_scale=guidance(guidance_scales[f"counterfactual {method}"], args), num_inference_steps=args.inference_steps,
-                        generator=torch.Generator().manual_seed(args.seed)).cells
+                        guidance_scale=guidance(guidance_scales[f"counterfactual {method}"], args),
+                        num_inference_steps=args.inference_steps, generator=torch.Generator().manual_seed(args.seed)).cells
         predictions[f"counterfactual {method}"] = log_normalize(edited[:, genes].X)
     return predictions
 
