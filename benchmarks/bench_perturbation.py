@@ -241,7 +241,7 @@ def scldm_methods(args) -> list[str]:
 def guidance(scale: float, args) -> float | dict[str, float]:
     """The pipelines' `guidance_scale` for a candidate `scale`: ``joint`` guides towards the cell_type x condition
     conditional, ``composed`` adds the two single-label conditionals the independent label dropout trains,
-    ``v_u + (v_cell_type - v_u) + scale (v_condition - v_u)``, so that the unseen pair is composed of two seen labels."""
+    ``v_u + (v_cell_type - v_u) + scale (v_condition - v_u)``: the unseen pair is composed of two seen labels."""
     return scale if args.guidance == "joint" else {"cell_type": 1.0, "condition": scale}
 
 
