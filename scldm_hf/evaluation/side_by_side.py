@@ -27,8 +27,8 @@ from scldm_hf.evaluation.evaluate import evaluate_generation, summarize
 from scldm_hf.loading import load_pipeline
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
 from scldm_hf.training.config import config_to_dict
-from scldm_hf.training.hub import TRAINING_CONFIG_FILE
 from scldm_hf.training.dit import train_dit
+from scldm_hf.training.hub import TRAINING_CONFIG_FILE
 from scldm_hf.training.vae import train_vae
 
 
