@@ -145,6 +145,23 @@ def check_covariate_columns(obs: pd.DataFrame, covariates: Sequence[str]) -> Non
             )
 
 
+def check_covariate_names(covariates: Sequence[str], reserved: Sequence[str]) -> None:
+    """Raise ``ConditionError`` if a covariate would overwrite one of the `reserved` columns of a cell row."""
+    clashing = [name for name in covariates if name in reserved]
+    if clashing:
+        raise ConditionError(
+            f"Covariate(s) {', '.join(map(repr, clashing))} have the name of a column every cell row already has "
+            f"(reserved: {', '.join(reserved)}), so their labels would replace it: rename the obs column first, e.g. "
+            f"adata.obs = adata.obs.rename(columns={{{clashing[0]!r}: '{clashing[0]}_label'}})."
+        )
+
+
+def check_chunk_size(chunk_size) -> None:
+    """Raise ``ConfigurationError`` unless ``chunk_size`` (cells per chunk) is a positive integer."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+        raise ConfigurationError(f"chunk_size={chunk_size!r} must be a positive integer (cells per chunk), e.g. 1024.")
+
+
 def check_vocab_overlap(fraction: float, min_fraction: float) -> None:
     """Raise ``VocabularyError`` if only ``fraction`` of the vocabulary genes are measured (below ``min_fraction``)."""
     if fraction < min_fraction:

@@ -162,7 +162,7 @@ def test_failing_conversion_leaves_no_output(pbmc_counts, tmp_path):
 
 def test_existing_output_needs_overwrite(tiny_adata, tmp_path):
     anndata_to_corpus(tiny_adata, tmp_path / "corpus")
-    with pytest.raises(ConfigurationError, match="already exists: choose another output folder or pass overwrite=True"):
+    with pytest.raises(ConfigurationError, match=r"already exists: choose another output or replace it with overwrite=True \(on the command line: --overwrite\)"):
         anndata_to_corpus(tiny_adata, tmp_path / "corpus")
     info = anndata_to_corpus(tiny_adata[:3].copy(), tmp_path / "corpus", overwrite=True)
     assert info.num_cells == 3 and len(load_corpus(tmp_path / "corpus")[0]) == 3

@@ -6,7 +6,11 @@ The same malformed files are fed to `scldm convert` in tests/test_cli.py.
 """
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -17,7 +21,7 @@ import scipy.sparse as sp
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from scldm_hf.data import CellCollator, GeneVocab, anndata_to_corpus, anndata_to_dataset
+from scldm_hf.data import CellCollator, GeneVocab, anndata_to_corpus, anndata_to_dataset, load_corpus
 from scldm_hf.errors import CheckpointError, ConditionError, ConfigurationError, InputDataError, VocabularyError
 from scldm_hf.loading import check_safetensors_file, load_gene_vocab, load_pipeline, load_vae
 from scldm_hf.models import SCVAEConfig, SCVAEModel
@@ -352,3 +356,78 @@ def test_package_never_unpickles():
             assert "allow_pickle=True" not in line, f"{path}: {line}"
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line}"
+
+
+# --- Corpus outputs: reserved names, concurrent conversions, stale staging folders ---
+
+
+@pytest.mark.parametrize("name", ["counts", "gene_ids", "library_size", "cell_id", "latents"])
+def test_covariate_with_a_reserved_column_name_is_refused(counts, tmp_path, name):
+    adata = relabelled(counts, name, ["x"] * NUM_CELLS)
+    with pytest.raises(ConditionError, match=rf"Covariate\(s\) '{name}' have the name of a column every cell row "
+                                             r"already has \(reserved: cell_id, gene_ids, counts, library_size, latents\)"):
+        anndata_to_corpus(adata, tmp_path / "corpus", covariates=[name])
+    assert not (tmp_path / "corpus").exists()
+
+
+@pytest.mark.parametrize("chunk_size", [0, -5, 2.5])
+def test_non_positive_chunk_size_is_refused(counts, tmp_path, chunk_size):
+    with pytest.raises(ConfigurationError, match=rf"chunk_size={chunk_size!r} must be a positive integer"):
+        anndata_to_corpus(counts, tmp_path / "corpus", chunk_size=chunk_size)
+    with pytest.raises(ConfigurationError, match="chunk_size"):
+        anndata_to_dataset(counts, chunk_size=chunk_size)
+
+
+def test_two_concurrent_conversions_into_one_folder(pbmc_counts, tmp_path):
+    """Two `scldm convert` processes at once: exactly one succeeds, the other fails with one error line, and the
+    folder holds one complete corpus."""
+    pbmc_counts.write_h5ad(tmp_path / "in.h5ad")
+    command = [str(Path(sys.executable).parent / "scldm"), "convert", str(tmp_path / "in.h5ad"), str(tmp_path / "out")]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    results = [(process.wait(timeout=120), process.stderr.read()) for process in processes]
+    for process in processes:
+        process.stdout.close()
+        process.stderr.close()
+    assert sorted(code for code, _ in results) == [0, 2], results
+    failure = next(stderr for code, stderr in results if code == 2)
+    assert re.search(r"^error: .*out (already exists|was written by another process)", failure, re.M), failure
+    dataset, info = load_corpus(tmp_path / "out")
+    assert len(dataset) == info.num_cells == pbmc_counts.n_obs
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.h5ad", "out"]
+
+
+def test_existing_corpus_is_kept_without_overwrite(counts, tmp_path):
+    anndata_to_corpus(counts[:10].copy(), tmp_path / "corpus")
+    with pytest.raises(ConfigurationError, match=r"already exists.*--overwrite"):
+        anndata_to_corpus(counts, tmp_path / "corpus")
+    assert load_corpus(tmp_path / "corpus")[1].num_cells == 10
+
+
+def test_staging_of_a_killed_conversion_is_removed_and_folders_are_readable(counts, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".corpus.{int(dead.stdout)}-0123abcd.tmp"
+    stale.mkdir()
+    (stale / "data-00000.arrow").write_bytes(b"\0" * 1000)
+    anndata_to_corpus(counts, tmp_path / "corpus")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "corpus").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_counterfactual_of_a_partial_panel_keeps_the_measured_depth(tiny_pipeline, counts):
+    """A panel of 300 of the model's 765 genes: over those genes the edited cells have their input's depth (before the
+    fix, the measured total was spread over all 765 decoded genes and came out at about 300/765 of it)."""
+    from scldm_hf.pipelines import SCLDMCounterfactualPipeline
+
+    editor = SCLDMCounterfactualPipeline(**tiny_pipeline.components)
+    editor.set_progress_bar_config(disable=True)
+    panel = counts[:, :300].copy()
+    panel = panel[np.asarray(panel.X.sum(axis=1)).ravel() > 0].copy()
+    edited = editor(panel, {"cell_type": "CD19+ B"}, num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0)).cells
+    measured = edited[:, panel.var_names].X.sum(axis=1).A.ravel()
+    input_depth = panel.X.sum(axis=1).A.ravel()
+    assert abs(measured.sum() / input_depth.sum() - 1) < 0.05, (measured.sum(), input_depth.sum())
+    assert edited.X.sum() > 1.5 * input_depth.sum()  # the other 465 genes are imputed on the same scale

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import json
+import os
+import re
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from os import PathLike
@@ -30,8 +33,10 @@ from datasets.utils.py_utils import convert_file_size_to_int
 from ..errors import ConditionError, ConfigurationError, InputDataError
 from ..validation import (
     check_count_chunk,
+    check_chunk_size,
     check_count_range,
     check_covariate_columns,
+    check_covariate_names,
     check_matrix_dtype,
     check_no_empty_cells,
     check_not_empty,
@@ -46,6 +51,9 @@ SHARD_GLOB = "data-*.arrow"
 DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_MAX_SHARD_SIZE = "500MB"
 DEFAULT_MIN_VOCAB_OVERLAP = 0.01
+STAGING_SUFFIX = ".tmp"
+# Columns of every cell row (and the latent cache's ``latents``): no covariate may take their names.
+RESERVED_COLUMN_NAMES = ("cell_id", "gene_ids", "counts", "library_size", "latents")
 
 Covariates = Sequence[str] | Mapping[str, Sequence[str]]
 
@@ -149,6 +157,7 @@ def _covariate_codes(obs: pd.DataFrame, covariates: Covariates) -> tuple[dict[st
     """Label names (sorted, unless given) and per-cell ClassLabel ids ``[n_obs]`` of each covariate column."""
     if isinstance(covariates, str):
         covariates = (covariates,)
+    check_covariate_names(list(covariates), RESERVED_COLUMN_NAMES)
     check_covariate_columns(obs, list(covariates))
     labels, codes = {}, {}
     for name in covariates:
@@ -211,20 +220,24 @@ class _CellBatches:
             check_count_range(chunk, self._obs_names[cells], self.source.where)
             chunk = chunk.astype(np.int32, copy=False)
             empty_cells.extend(self._obs_names[cells][np.diff(chunk.indptr) == 0])
-            yield self._record_batch(chunk, cells)
+            labels = {name: codes[cells] for name, codes in self._covariate_codes.items()}
+            yield _record_batch(self._obs_names[cells], chunk, self._measured_ids, labels, self.features)
             _release_freed_memory()
         check_no_empty_cells(empty_cells, over=f" over the {self._measured_ids.size} measured vocabulary genes")
 
-    def _record_batch(self, chunk: sp.csr_matrix, cells: slice) -> pa.RecordBatch:
-        offsets = pa.array(chunk.indptr, pa.int32())
-        columns = {
-            "cell_id": pa.array(self._obs_names[cells], pa.string()),
-            "gene_ids": pa.ListArray.from_arrays(offsets, pa.array(self._measured_ids[chunk.indices])),
-            "counts": pa.ListArray.from_arrays(offsets, pa.array(chunk.data)),
-            "library_size": pa.array(np.asarray(chunk.sum(axis=1, dtype=np.int64)).ravel()),
-            **{name: pa.array(codes[cells]) for name, codes in self._covariate_codes.items()},
-        }
-        return pa.RecordBatch.from_pydict(columns, schema=self.features.arrow_schema)
+
+def _record_batch(cell_ids: Sequence[str], chunk: sp.csr_matrix, column_gene_ids: np.ndarray,
+                  covariate_codes: Mapping[str, np.ndarray], features: datasets.Features) -> pa.RecordBatch:
+    """Arrow rows of cells: `chunk` is int32 CSR ``[cells, columns]``, `column_gene_ids` the vocab id of each column."""
+    offsets = pa.array(chunk.indptr, pa.int32())
+    columns = {
+        "cell_id": pa.array(cell_ids, pa.string()),
+        "gene_ids": pa.ListArray.from_arrays(offsets, pa.array(column_gene_ids[chunk.indices])),
+        "counts": pa.ListArray.from_arrays(offsets, pa.array(chunk.data)),
+        "library_size": pa.array(np.asarray(chunk.sum(axis=1, dtype=np.int64)).ravel()),
+        **{name: pa.array(codes) for name, codes in covariate_codes.items()},
+    }
+    return pa.RecordBatch.from_pydict(columns, schema=features.arrow_schema)
 
 
 def anndata_to_dataset(
@@ -240,6 +253,7 @@ def anndata_to_dataset(
     ``vocab=None`` builds the vocabulary from ``adata.var_names`` (sorted). ``covariates`` lists ``obs`` columns,
     or maps each to its label names (to reuse a model's label ids). The counts are validated on the way.
     """
+    check_chunk_size(chunk_size)
     with _open_counts(adata, layer) as source:
         batches = _CellBatches(source, vocab, covariates, min_vocab_overlap)
         table = pa.Table.from_batches(list(batches(chunk_size)), schema=batches.features.arrow_schema)
@@ -260,27 +274,109 @@ def anndata_to_corpus(
     """Write a corpus folder: Arrow shards ``data-XXXXX-of-YYYYY.arrow`` (datasets format) + ``corpus.json``.
 
     An ``.h5ad`` path is read in backed mode, ``chunk_size`` cells at a time, so memory does not grow with the
-    number of cells. Everything is written into a temporary folder next to ``output_dir`` that is renamed at the
-    end: a conversion that fails (e.g. on invalid counts) leaves no output folder behind.
+    number of cells. Everything is written into a staging folder ``.<name>.<pid>-<random>.tmp`` next to
+    ``output_dir`` that is renamed at the end: a conversion that fails (e.g. on invalid counts) leaves no output
+    folder behind, and staging folders of processes that died (``kill -9``) are removed by the next conversion.
+    An existing ``output_dir`` is replaced only with ``overwrite=True``; of two conversions into the same new folder
+    at once, the second to finish fails instead of replacing the first one's corpus.
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise ConfigurationError(f"{output_dir} already exists: choose another output folder or pass overwrite=True.")
+    check_chunk_size(chunk_size)
     max_shard_bytes = convert_file_size_to_int(max_shard_size)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
-    try:
+    with staged_output(output_dir, overwrite) as staging:
         with _open_counts(adata_or_path, layer) as source:
             batches = _CellBatches(source, vocab, covariates, min_vocab_overlap)
             _write_shards(batches(chunk_size), batches.features, staging, max_shard_bytes)
         datasets.DatasetInfo(features=batches.features).write_to_directory(staging)
         batches.info.save(staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
+    return batches.info
+
+
+def cells_to_corpus(
+    batches: Iterable[tuple[Sequence[str], sp.csr_matrix, Mapping[str, np.ndarray]]],
+    output_dir: str | PathLike,
+    genes: Sequence[str],
+    covariate_labels: Mapping[str, Sequence[str]],
+    source: str,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> CorpusInfo:
+    """Write a corpus folder from batches of ``(cell ids [b], counts CSR [b, genes], {covariate: label ids [b]})``
+    as they come (e.g. generated cells): one batch in memory at a time. Staged and committed like
+    :func:`anndata_to_corpus`."""
+    features = cell_features(covariate_labels)
+    gene_ids = np.arange(1, len(genes) + 1, dtype=np.int32)
+    num_cells = 0
+
+    def record_batches() -> Iterator[pa.RecordBatch]:
+        nonlocal num_cells
+        for cell_ids, counts, codes in batches:
+            num_cells += len(cell_ids)
+            yield _record_batch(cell_ids, counts.astype(np.int32), gene_ids, codes, features)
+
+    with staged_output(output_dir, overwrite) as staging:
+        _write_shards(record_batches(), features, staging, convert_file_size_to_int(max_shard_size))
+        datasets.DatasetInfo(features=features).write_to_directory(staging)
+        info = CorpusInfo(genes=list(genes), measured_gene_ids=gene_ids.tolist(),
+                          covariates={name: list(labels) for name, labels in covariate_labels.items()},
+                          source=source, num_cells=num_cells)
+        info.save(staging)
+    return info
+
+
+@contextmanager
+def staged_output(output_dir: str | PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A staging folder ``.<name>.<pid>-<random>.tmp`` beside `output_dir`, renamed to `output_dir` when the block
+    ends without an error and deleted in any case; staging folders of dead processes are removed first. An existing
+    `output_dir` is refused (before any work) unless `overwrite`."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise ConfigurationError(
+            f"{output_dir} already exists: choose another output or replace it with overwrite=True "
+            "(on the command line: --overwrite)."
+        )
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(output_dir)
+    staging = output_dir.with_name(f".{output_dir.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{STAGING_SUFFIX}")
+    staging.mkdir()
+    try:
+        yield staging
+        _commit(staging, output_dir, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return batches.info
+
+
+def _commit(staging: Path, output_dir: Path, overwrite: bool) -> None:
+    """Rename `staging` to `output_dir`; an existing `output_dir` is moved aside and deleted only with `overwrite`."""
+    replaced = output_dir.with_name(f"{staging.name}.replaced")
+    if overwrite and output_dir.exists():
+        output_dir.rename(replaced)
+    try:
+        staging.rename(output_dir)  # fails if another process created a (non-empty) output_dir meanwhile
+    except OSError as error:
+        raise ConfigurationError(
+            f"{output_dir} was written by another process while this conversion ran ({error.strerror}); nothing was "
+            "replaced. Convert into another folder, or pass overwrite=True (`scldm convert --overwrite`)."
+        ) from error
+    finally:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _remove_abandoned_staging(output_dir: Path) -> None:
+    """Delete staging folders of `output_dir` left by conversions whose process no longer runs (on this machine)."""
+    for path in output_dir.parent.glob(f".{glob.escape(output_dir.name)}.*{STAGING_SUFFIX}"):
+        match = re.fullmatch(rf"\.{re.escape(output_dir.name)}\.(\d+)-[0-9a-f]+{re.escape(STAGING_SUFFIX)}", path.name)
+        if match and not _process_runs(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        pass
+    return True
 
 
 def _write_shards(

@@ -147,9 +147,17 @@ class SCLDMPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode_counts(
-        self, latents: torch.Tensor, library_size: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        latents: torch.Tensor,
+        library_size: torch.Tensor,
+        generator: torch.Generator | None = None,
+        library_genes: torch.LongTensor | None = None,
     ) -> sp.csr_matrix:
         """Negative binomial counts (CSR int32 `[B, G]`) of `latents [B, T, D]` decoded at `library_size [B]`.
+
+        `library_size` is the expected total over all `G` genes, or with `library_genes` (column indices `[g]`) over
+        those genes alone: each cell's decoded means are rescaled so that those genes sum to it, e.g. a partial
+        panel's measured genes keep their measured depth and the other genes are imputed on the same scale.
 
         Decodes `DECODE_GENE_TOKENS // G` cells (at least one) at a time: the decoder's activations are
         `[cells, G, hidden]`, so this bounds memory for any gene panel, and on CPU it keeps each activation small
@@ -160,7 +168,10 @@ class SCLDMPipeline(DiffusionPipeline):
         for start in range(0, len(latents), chunk_size):
             chunk = slice(start, start + chunk_size)
             decoded = self.vae.decode(latents[chunk].to(self.vae.dtype), library_size=library_size[chunk])
-            counts = self.vae.sample_counts(decoded.mean, decoded.inverse_dispersion, generator=generator)
+            mean = decoded.mean
+            if library_genes is not None:
+                mean = mean * (library_size[chunk] / mean[:, library_genes].sum(dim=-1)).unsqueeze(-1)
+            counts = self.vae.sample_counts(mean, decoded.inverse_dispersion, generator=generator)
             chunks.append(sp.csr_matrix(counts.cpu().numpy().astype(np.int32)))
         return sp.vstack(chunks, format="csr")
 

@@ -49,8 +49,11 @@ class SCLDMCounterfactualPipeline(SCLDMPipeline):
           reconstructs a cell with `edit_method="inversion"` (the Euler discretisation error shrinks with
           `num_inference_steps`); with `"difference"` (and `"flowedit"` at equal guidance scales) unchanged labels
           return the cell's own latent exactly.
-        - Library sizes: every edited cell keeps its input's total counts over the vocab genes (sequencing depth is
-          a property of the measurement, not of the perturbation); counts are negative binomial draws at that depth.
+        - Library sizes: every edited cell keeps its input's total counts over the vocab genes the input measures
+          (sequencing depth is a property of the measurement, not of the perturbation): the decoded means are scaled
+          so that those genes sum to the input's total; vocab genes the input lacks are imputed on the same scale, so
+          with a partial panel the output's total over all genes exceeds the input's. Counts are negative binomial
+          draws at those means.
     """
 
     def invert(
@@ -151,7 +154,8 @@ class SCLDMCounterfactualPipeline(SCLDMPipeline):
         source_ids, target_ids = self.conditioner.encode(source), self.conditioner.encode(target)
         check_guidance_scale(source_guidance_scale, list(source_ids))
         check_guidance_scale(guidance_scale, list(target_ids))
-        dataset, _ = anndata_to_dataset(cells, vocab=self.vae.gene_vocab)
+        dataset, info = anndata_to_dataset(cells, vocab=self.vae.gene_vocab)
+        measured_columns = torch.as_tensor(info.measured_gene_ids, device=self._execution_device) - 1
         device = self._execution_device
         vae_latents = torch.from_numpy(self.vae.encode_dataset(dataset, batch_size=batch_size)).to(device)
         clean_latents = self.vae.normalize_latents(vae_latents)
@@ -176,7 +180,7 @@ class SCLDMCounterfactualPipeline(SCLDMPipeline):
             if output_type == "latent":
                 outputs.append(latents)
                 continue
-            outputs.append(self.decode_counts(latents, library_size[batch], generator))
+            outputs.append(self.decode_counts(latents, library_size[batch], generator, library_genes=measured_columns))
         self.maybe_free_model_hooks()
 
         if output_type == "latent":

@@ -44,6 +44,9 @@ class TrainingConfig:
         checkpointing_steps: Write a resumable checkpoint every this many optimizer steps.
         checkpoints_total_limit: Keep only the newest this many checkpoints.
         resume_from_checkpoint: ``"latest"`` or a checkpoint folder; ``"latest"`` starts fresh when none exists.
+            Refused when the data, model config or training options differ from the checkpoint's.
+        resume_with_changes: Resume even so: the new options apply from the checkpoint's step on, and the changes
+            are recorded in the following checkpoints (``training_state.json``).
         report_to: ``"csv"`` (``logs/metrics.csv``), ``"tensorboard"`` or ``"none"``.
         push_to_hub: Upload the final model folder to ``hub_model_id`` with ``huggingface_hub``.
     """
@@ -72,6 +75,7 @@ class TrainingConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str | None = None
+    resume_with_changes: bool = False
     logging_steps: int = 10
     report_to: str = "csv"
     push_to_hub: bool = False

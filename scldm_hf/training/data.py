@@ -26,6 +26,7 @@ BUILTIN_DATASETS = {"pbmc68k": load_pbmc68k_counts}
 BUILTIN_SOURCES = {"pbmc68k": "scanpy.datasets.pbmc68k_reduced() (68k PBMC subsample, raw counts recovered)"}
 LATENT_CACHE_DIR = "latent_cache"
 LATENT_CACHE_KEY_FILE = "cache_key.json"
+CORPUS_KEY_FILE = "source_key.json"
 
 
 def prepare_corpus(
@@ -38,7 +39,8 @@ def prepare_corpus(
 
     A corpus folder is used as is. An ``.h5ad`` file or a built-in name (``pbmc68k``) is converted once, by the main
     process, into ``<output_dir>/corpus`` with `covariates` (default ``config.covariates``; a mapping fixes the label
-    order) and reused by later runs in the same output folder (e.g. after a crash).
+    order) and reused by later runs in the same output folder (e.g. after a crash) while the file (path, size,
+    modification time), covariates, layer and vocabulary are unchanged; otherwise it is converted again.
     """
     source = Path(config.data)
     if (source / CORPUS_FILE_NAME).is_file():
@@ -50,15 +52,17 @@ def prepare_corpus(
                 f"{sorted(BUILTIN_DATASETS)}; convert your AnnData with `scldm convert in.h5ad corpus_dir`."
             )
         corpus_dir = Path(config.output_dir) / "corpus"
+        chosen = config.covariates if covariates is None else covariates
+        key = _corpus_key(config, chosen, vocab)
         with accelerator.main_process_first():
-            if accelerator.is_main_process and not (corpus_dir / CORPUS_FILE_NAME).is_file():
+            if accelerator.is_main_process and not _cache_matches(corpus_dir, key, CORPUS_KEY_FILE):
                 adata_or_path = BUILTIN_DATASETS[config.data]() if config.data in BUILTIN_DATASETS else source
-                chosen = config.covariates if covariates is None else covariates
                 info = anndata_to_corpus(adata_or_path, corpus_dir, vocab=vocab, covariates=chosen, layer=config.layer,
                                          overwrite=True)
                 if config.data in BUILTIN_SOURCES:
                     info.source = BUILTIN_SOURCES[config.data]
                     info.save(corpus_dir)
+                (corpus_dir / CORPUS_KEY_FILE).write_text(json.dumps(key))
     dataset, info = load_corpus(corpus_dir)
     if vocab is not None and info.genes != vocab.genes:
         raise VocabularyError(
@@ -169,7 +173,7 @@ def encode_latent_cache(
         "covariates": {name: dataset.features[name].names for name in info.covariates},
     }
     with accelerator.main_process_first():
-        if accelerator.is_main_process and not _cache_matches(cache_dir, key):
+        if accelerator.is_main_process and not _cache_matches(cache_dir, key, LATENT_CACHE_KEY_FILE):
             vae.eval()
             latents = vae.encode_dataset(dataset, batch_size=batch_size).astype(np.float32)
             latent_column = datasets.Dataset.from_dict(
@@ -187,9 +191,20 @@ def encode_latent_cache(
     return datasets.load_from_disk(str(cache_dir))
 
 
-def _cache_matches(cache_dir: Path, key: dict) -> bool:
-    key_file = cache_dir / LATENT_CACHE_KEY_FILE
+def _cache_matches(cache_dir: Path, key: dict, key_file_name: str) -> bool:
+    key_file = cache_dir / key_file_name
     return key_file.is_file() and json.loads(key_file.read_text()) == key
+
+
+def _corpus_key(config: TrainingConfig, covariates, vocab: GeneVocab | None) -> dict:
+    """What the converted ``<output_dir>/corpus`` was made from (JSON values)."""
+    source = Path(config.data)
+    origin = {"builtin": config.data} if config.data in BUILTIN_DATASETS else {
+        "path": str(source.resolve()), "size": source.stat().st_size, "mtime_ns": source.stat().st_mtime_ns}
+    return json.loads(json.dumps({
+        **origin, "covariates": covariates, "layer": config.layer,
+        "vocab_sha256": None if vocab is None else hashlib.sha256("\n".join(vocab.genes).encode()).hexdigest(),
+    }))
 
 
 def _state_dict_digest(model: torch.nn.Module) -> str:

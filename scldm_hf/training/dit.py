@@ -146,7 +146,8 @@ def fit_latent_dit(
         ema.to(accelerator.device)
     set_seed(config.seed, device_specific=True)
     train_loop(accelerator, config, objective, optimizer, lr_scheduler, dataloader,
-               lambda model, batch: {"loss": model(batch["latents"], batch["covariates"])}, ema=ema)
+               lambda model, batch: {"loss": model(batch["latents"], batch["covariates"])}, corpus=info,
+               model_config=dict(transformer.config), ema=ema)
 
     transformer = accelerator.unwrap_model(objective).transformer
     if ema is not None:

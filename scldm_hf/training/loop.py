@@ -6,7 +6,7 @@ optimizer, scheduler, EMA, RNG states and the data position (epoch + batches alr
 """
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,9 +17,17 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from scldm_hf.data import CorpusInfo
 from scldm_hf.errors import CheckpointError, ConfigurationError
 
-from .checkpointing import TrainingProgress, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpointing import (
+    TrainingProgress,
+    TrainingState,
+    load_checkpoint,
+    resolve_checkpoint,
+    resume_settings,
+    save_checkpoint,
+)
 from .config import TrainingConfig, config_to_dict
 from .trackers import CSVTracker
 
@@ -92,24 +100,28 @@ def train_loop(
     lr_scheduler,
     dataloader,
     compute_loss: LossFunction,
+    corpus: CorpusInfo,
+    model_config: Mapping,
     ema: EMAModel | None = None,
-    checkpointed: Iterable = (),
+    generators: Sequence[torch.Generator] = (),
 ) -> TrainingProgress:
     """Train the prepared `model` until ``config.max_train_steps``; returns the final `TrainingProgress`.
 
     `compute_loss(model, batch)` returns a dict with ``"loss"`` (optimised) and any other scalars to log. `ema` and
-    the objects in `checkpointed` (``state_dict``/``load_state_dict``) are saved with every checkpoint.
+    the RNG states of `generators` are saved with every checkpoint; `corpus` and `model_config` (with `config`) are
+    what a resumed run must share with its checkpoint.
     """
     progress = TrainingProgress(
         num_processes=accelerator.num_processes,
         total_batch_size=config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
     )
-    for obj in (progress, *([ema] if ema is not None else []), *checkpointed):
-        accelerator.register_for_checkpointing(obj)
+    state = TrainingState(progress, resume_settings(config, corpus, model_config), ema=ema, generators=generators)
     checkpoint = resolve_checkpoint(config.checkpoint_root, config.resume_from_checkpoint)
     if checkpoint is not None:
         expected = (progress.num_processes, progress.total_batch_size)
-        load_checkpoint(accelerator, checkpoint)
+        configured = optimisation_hyperparameters(optimizer, lr_scheduler)
+        if load_checkpoint(accelerator, state, checkpoint, allow_changes=config.resume_with_changes):
+            apply_optimisation_hyperparameters(optimizer, lr_scheduler, configured)
         if (progress.num_processes, progress.total_batch_size) != expected:
             raise CheckpointError(
                 f"{checkpoint} was written by {progress.num_processes} process(es) with a total batch of "
@@ -156,7 +168,8 @@ def train_loop(
                 bar.set_postfix(loss=f"{logs['loss']:.4g}")
                 running = {}
             if progress.global_step % config.checkpointing_steps == 0:
-                save_checkpoint(accelerator, config.checkpoint_root, progress.global_step, config.checkpoints_total_limit)
+                save_checkpoint(accelerator, state, config.checkpoint_root, progress.global_step,
+                                config.checkpoints_total_limit)
             if progress.global_step >= config.max_train_steps:
                 break
         else:
@@ -164,6 +177,24 @@ def train_loop(
             progress.batches_seen_in_epoch = 0
     bar.close()
     return progress
+
+
+def optimisation_hyperparameters(optimizer, lr_scheduler) -> tuple[list[dict], list[float]]:
+    """The configured hyperparameters of each optimizer parameter group, and the scheduler's base learning rates."""
+    groups = [{key: value for key, value in group.items() if key not in ("params", "lr")}
+              for group in optimizer.param_groups]
+    return groups, list(lr_scheduler.scheduler.base_lrs)
+
+
+def apply_optimisation_hyperparameters(optimizer, lr_scheduler, hyperparameters: tuple[list[dict], list[float]]) -> None:
+    """Put `optimisation_hyperparameters` (of this run's config) back over those restored from a checkpoint, keeping
+    the restored moments and step count; the learning rate follows the new schedule from the restored step."""
+    groups, base_lrs = hyperparameters
+    scheduler = lr_scheduler.scheduler
+    scheduler.base_lrs = base_lrs
+    for group, values, base_lr, schedule in zip(optimizer.param_groups, groups, base_lrs, scheduler.lr_lambdas):
+        group.update(values)
+        group["lr"] = base_lr * schedule(scheduler.last_epoch)
 
 
 def _mean_over_processes(accelerator: Accelerator, running: dict) -> dict[str, float]:

@@ -10,7 +10,6 @@ from scldm_hf.errors import ConfigurationError
 from scldm_hf.loading import load_vae
 from scldm_hf.models import SCVAEConfig, SCVAEModel
 
-from .checkpointing import GeneratorState
 from .config import VAETrainingConfig
 from .data import build_dataloader, prepare_corpus, split_train_validation
 from .hub import publish_model_folder
@@ -40,8 +39,8 @@ def train_vae(config: VAETrainingConfig) -> SCVAEModel:
     lr_scheduler = build_lr_scheduler(optimizer, config, accelerator.num_processes)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     set_seed(config.seed, device_specific=True)
-    train_loop(accelerator, config, model, optimizer, lr_scheduler, dataloader, vae_losses,
-               checkpointed=[GeneratorState(collator.generator)])
+    train_loop(accelerator, config, model, optimizer, lr_scheduler, dataloader, vae_losses, corpus=info,
+               model_config=accelerator.unwrap_model(model).config.to_dict(), generators=[collator.generator])
 
     vae = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
