@@ -31,7 +31,8 @@ def mean_sd_over_seeds(results: pd.DataFrame) -> pd.DataFrame:
     per_seed = results[list(HIGHER_IS_BETTER)].groupby(level=["method", "seed"], sort=False).mean()
     by_method = per_seed.groupby(level="method", sort=False)
     mean, sd = by_method.mean(), by_method.std(ddof=1).fillna(0)
-    return mean.round(3).astype(str) + " ± " + sd.round(3).astype(str)
+    return pd.DataFrame({metric: [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean[metric], sd[metric])]
+                         for metric in mean}, index=mean.index)
 
 
 def wins_beyond_noise(results: pd.DataFrame, ours: list[str], baselines: list[str]) -> pd.DataFrame:
