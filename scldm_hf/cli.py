@@ -58,7 +58,7 @@ def _generate(args) -> str:
         _read_conditions_file(args.conditions_file) if args.conditions_file
         else _parse_conditions(args.condition, args.num_cells)
     )
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, revision=args.revision)
 
     generator = torch.Generator().manual_seed(args.seed)
     output = pipe(
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate cells with a saved SCLDMPipeline")
     generate.add_argument("model", help="pipeline folder or Hub repo id (from the local cache)")
+    generate.add_argument("--revision", default=None, help="Hub branch, tag or commit of a repo id (default: main)")
     generate.add_argument("--condition", action="append", default=[], help="KEY=LABEL (repeatable)")
     generate.add_argument("--conditions-file", help="CSV, one column per covariate and one row per cell (e.g. real "
                           "cells' obs): generates one cell per row, replacing --condition and --num-cells")

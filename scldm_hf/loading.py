@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError, RevisionNotFoundError
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_NAME
@@ -29,8 +31,9 @@ _RESAVE_FIX = "re-download the model, or re-save it with save_pretrained"
 _MAX_LISTED = 3
 
 
-def resolve_model_path(name_or_path: str | PathLike, local_files_only: bool = False) -> Path:
-    """A local folder, or the Hub snapshot folder of a repo id. A path-like name that is not a folder raises."""
+def resolve_model_path(name_or_path: str | PathLike, local_files_only: bool = False, revision: str | None = None) -> Path:
+    """A local folder, or the Hub snapshot folder of a repo id at `revision` (branch, tag or commit; default the
+    default branch), from the cache when offline. A path-like name that is not a folder raises."""
     path = Path(name_or_path)
     looks_like_path = path.is_absolute() or str(name_or_path).startswith(".") or len(path.parts) > 2
     if path.exists() or looks_like_path:
@@ -39,9 +42,14 @@ def resolve_model_path(name_or_path: str | PathLike, local_files_only: bool = Fa
                 f"No model folder at {path}: pass the folder written by save_pretrained (or a Hub repo id)."
             )
         return path
-    from .training.hub import resolve_pretrained
-
-    return resolve_pretrained(str(name_or_path), local_files_only=local_files_only)
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision, local_files_only=local_files_only))
+    except (LocalEntryNotFoundError, RevisionNotFoundError) as error:
+        at = f" at revision {revision!r}" if revision else ""
+        raise CheckpointError(
+            f"{name_or_path!r}{at} is neither a local folder nor a Hub repo in the local cache ({error}); pass the "
+            "folder of a saved model, or download the repo once with `hf download <repo_id>`."
+        ) from error
 
 
 def check_safetensors_file(path: str | PathLike) -> dict[str, tuple[int, ...]]:
@@ -123,11 +131,11 @@ def check_weights_match_config(model_class, folder: str | PathLike, weights_name
         )
 
 
-def load_vae(name_or_path: str | PathLike, local_files_only: bool = False, **kwargs):
+def load_vae(name_or_path: str | PathLike, local_files_only: bool = False, revision: str | None = None, **kwargs):
     """``SCVAEModel.from_pretrained`` after checking the folder, its weights file and their shapes."""
     from .models.modeling_scvae import SCVAEModel
 
-    folder = resolve_model_path(name_or_path, local_files_only)
+    folder = resolve_model_path(name_or_path, local_files_only, revision)
     check_weights_match_config(SCVAEModel, folder, SAFE_WEIGHTS_NAME)
     return SCVAEModel.from_pretrained(str(folder), **kwargs)
 
@@ -163,11 +171,13 @@ def check_pipeline_folder(path: str | PathLike) -> Path:
     return folder
 
 
-def load_pipeline(name_or_path: str | PathLike, local_files_only: bool = False, **kwargs):
-    """``SCLDMPipeline.from_pretrained`` after :func:`check_pipeline_folder`."""
+def load_pipeline(name_or_path: str | PathLike, local_files_only: bool = False, revision: str | None = None,
+                  **kwargs):
+    """``SCLDMPipeline.from_pretrained`` after :func:`check_pipeline_folder`; `revision` as in
+    :func:`resolve_model_path`."""
     from .pipelines.pipeline_scldm import SCLDMPipeline
 
-    folder = check_pipeline_folder(resolve_model_path(name_or_path, local_files_only))
+    folder = check_pipeline_folder(resolve_model_path(name_or_path, local_files_only, revision))
     return SCLDMPipeline.from_pretrained(str(folder), **kwargs)
 
 

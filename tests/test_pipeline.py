@@ -1,7 +1,6 @@
 """SCLDMPipeline on a tiny scLDM trained on real PBMC68k cells: reproducibility, guidance, save/load, new labels,
 and whether generated cells carry the requested cell type."""
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import scipy.sparse as sp
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import dynamic_modules_utils
-from huggingface_hub import constants
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
@@ -28,9 +26,6 @@ from scldm_hf.pipelines import SCLDMPipeline
 
 COVARIATES = ["bulk_labels", "phase"]
 MARKERS_PER_TYPE = 10
-CUSTOM_PIPELINE_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "scldm"
-REPO_ID = "scldm-tests/pbmc-markers"
-COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -215,30 +210,10 @@ def test_save_and_load_generate_identical_cells(pipe, saved_pipeline):
     assert (generate(reloaded, conditions=conditions, guidance_scale=1.5).X != original.X).nnz == 0
 
 
-def test_loads_by_repo_id_from_an_offline_hub_cache(pipe, saved_pipeline, tmp_path, monkeypatch):
-    repo = tmp_path / f"models--{REPO_ID.replace('/', '--')}"
-    shutil.copytree(saved_pipeline, repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-    from_cache = SCLDMPipeline.from_pretrained(REPO_ID)
-    from_cache.set_progress_bar_config(disable=True)
-    original = generate(pipe, num_cells=5)
-    assert (generate(from_cache, num_cells=5).X != original.X).nnz == 0
-
-
-def test_generic_diffusion_pipeline_loads_through_the_custom_pipeline_entry(
-    pipe, saved_pipeline, tmp_path, monkeypatch
-):
+def test_generic_diffusion_pipeline_loads_the_code_saved_with_the_pipeline(pipe, saved_pipeline, tmp_path, monkeypatch):
     monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
     monkeypatch.setattr(sys, "path", list(sys.path))
-    loaded = DiffusionPipeline.from_pretrained(
-        saved_pipeline, custom_pipeline=str(CUSTOM_PIPELINE_DIR), trust_remote_code=True
-    )
+    loaded = DiffusionPipeline.from_pretrained(saved_pipeline, trust_remote_code=True)
     loaded.set_progress_bar_config(disable=True)
     assert issubclass(type(loaded), DiffusionPipeline) and type(loaded).__name__ == "SCLDMPipeline"
     assert (generate(loaded, num_cells=3).X != generate(pipe, num_cells=3).X).nnz == 0

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from scldm_hf.data import CellCollator, GeneVocab, anndata_to_corpus, anndata_to_dataset, load_corpus
+from scldm_hf.data import CellCollator, GeneVocab, anndata_to_corpus, anndata_to_dataset, encode_dataset, load_corpus
 from scldm_hf.errors import CheckpointError, ConditionError, ConfigurationError, InputDataError, VocabularyError
 from scldm_hf.loading import check_safetensors_file, load_gene_vocab, load_pipeline, load_vae
 from scldm_hf.models import SCVAEConfig, SCVAEModel
@@ -125,7 +125,7 @@ def test_genes_outside_the_vocabulary_report_the_overlap(counts):
 def test_model_vocabulary_mismatch_is_caught_before_encoding(tiny_pipeline, counts):
     ensembl = renamed_genes(counts, [f"ENSG{i:011d}" for i in range(counts.n_vars)])
     with pytest.warns(UserWarning), pytest.raises(VocabularyError, match=r"Only 0\.0% of the vocabulary genes"):
-        tiny_pipeline.vae.encode_dataset(ensembl, show_progress=False)
+        encode_dataset(tiny_pipeline.vae, ensembl, show_progress=False)
 
 
 def test_collator_caps_expressed_genes_by_subsampling_whole_cell_totals_kept(counts):

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModel
 
-from scldm_hf.data import CellCollator, GeneVocab, anndata_to_dataset
+from scldm_hf.data import CellCollator, GeneVocab, anndata_to_dataset, encode_dataset
 from scldm_hf.errors import ConfigurationError, InputDataError, VocabularyError
 from scldm_hf.models import SCVAEConfig, SCVAEModel, negative_binomial_log_prob, sample_negative_binomial
 
@@ -293,7 +293,7 @@ def test_encode_dataset_matches_encode_on_real_cells(model, pbmc_counts):
     pbmc_model = tiny_model(gene_names=vocab.genes)
     cells = pbmc_counts[:40, :NUM_GENES].copy()
     cells = cells[np.asarray(cells.X.sum(axis=1)).ravel() > 0].copy()
-    latents = pbmc_model.encode_dataset(cells, batch_size=16, show_progress=False)
+    latents = encode_dataset(pbmc_model, cells, batch_size=16, show_progress=False)
     assert latents.shape == (cells.n_obs, 4, 4) and latents.dtype == np.float32
 
     dataset, info = anndata_to_dataset(cells, vocab=vocab)

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
+from scldm_hf.data import encode_dataset
 from scldm_hf.evaluation import log_normalize
 from scldm_hf.models.modeling_scvae import sample_negative_binomial
 from scldm_hf.pipelines import SCLDMPipeline
@@ -79,7 +80,7 @@ def scvi_latent_arithmetic(fold: Fold, seed: int, max_epochs: int | None = None)
 
 def encode(pipeline: SCLDMPipeline, cells: AnnData) -> torch.Tensor:
     """Posterior-mean latents `[n, T, D]` of `cells` under the pipeline's VAE."""
-    return torch.from_numpy(pipeline.vae.encode_dataset(cells, show_progress=False))
+    return torch.from_numpy(encode_dataset(pipeline.vae, cells, show_progress=False))
 
 
 def decode(pipeline: SCLDMPipeline, latents: torch.Tensor, library_size: torch.Tensor, genes: pd.Index,

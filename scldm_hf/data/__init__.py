@@ -2,6 +2,7 @@
 
 from .collator import CellCollator
 from .corpus import CorpusInfo, anndata_to_corpus, anndata_to_dataset, cell_features, load_corpus
+from .encoding import encode_dataset
 from .datasets_pbmc import load_pbmc68k_counts
 from .vocab import GeneVocab
 
@@ -12,6 +13,7 @@ __all__ = [
     "anndata_to_corpus",
     "anndata_to_dataset",
     "cell_features",
+    "encode_dataset",
     "load_corpus",
     "load_pbmc68k_counts",
 ]

@@ -1,8 +1,8 @@
 """scLDM models. Importing this package registers the VAE with the transformers Auto classes.
 
 `AutoModel.from_pretrained(path)` then loads a saved `SCVAEModel` in-process; saved checkpoints also carry the model
-code and an `auto_map`, so `AutoModel.from_pretrained(path, trust_remote_code=True)` works without importing
-`scldm_hf.models` first (the `scldm_hf` package must still be installed).
+code and an `auto_map` (`SCVAEModel.save_pretrained`), so `AutoModel.from_pretrained(path, trust_remote_code=True)`
+works where `scldm_hf` is not installed.
 """
 
 from transformers import AutoConfig, AutoModel
@@ -19,8 +19,6 @@ from .modeling_scvae import (
 
 AutoConfig.register(SCVAEConfig.model_type, SCVAEConfig, exist_ok=True)
 AutoModel.register(SCVAEConfig, SCVAEModel, exist_ok=True)
-SCVAEConfig.register_for_auto_class()
-SCVAEModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "SCVAEConfig",

@@ -12,8 +12,8 @@ from datasets import ClassLabel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from scldm_hf.errors import ConditionError, InputDataError
-from scldm_hf.validation import check_conditions
+from ..errors import ConditionError, InputDataError
+from ..validation import check_conditions
 
 _WILDCARD = -1  # group_label_ids entry of a covariate added after the library-size fit: matches any label
 _MAX_LISTED_LABELS = 30

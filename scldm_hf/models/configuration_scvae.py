@@ -4,7 +4,7 @@ from typing import Literal
 
 from transformers import PreTrainedConfig
 
-from scldm_hf.errors import ConfigurationError
+from ..errors import ConfigurationError
 
 from .layers import swiglu_intermediate_size
 

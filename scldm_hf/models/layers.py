@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scldm_hf.errors import ConfigurationError
+from ..errors import ConfigurationError
 
 
 def swiglu_intermediate_size(hidden_size: int, multiple_of: int = 8) -> int:

@@ -9,25 +9,20 @@ for any subset of the vocabulary, and parametrises a negative binomial per gene:
 
 from dataclasses import dataclass
 from functools import cached_property
+from os import PathLike
+from pathlib import Path
 
-import anndata as ad
-import datasets
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from scldm_hf.data.collator import CellCollator
-from scldm_hf.data.corpus import anndata_to_dataset
-from scldm_hf.data.vocab import GeneVocab
-from scldm_hf.errors import ConfigurationError
-from scldm_hf.validation import check_decoder_genes, check_gene_tokens, check_library_size, check_panel_counts
-
+from ..data.vocab import GeneVocab
+from ..errors import ConfigurationError
+from ..hub_code import write_class_code
+from ..validation import check_decoder_genes, check_gene_tokens, check_library_size, check_panel_counts
 from .configuration_scvae import SCVAEConfig
 from .layers import CrossAttentionBlock, SelfAttentionBlock
 
@@ -237,6 +232,17 @@ class SCVAEModel(PreTrainedModel):
         elif isinstance(module, SCVAEModel) and module.log_inverse_dispersion is not None:
             init.zeros_(module.log_inverse_dispersion)
 
+    def save_pretrained(self, save_directory: str | PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, plus this model's code (`modeling_scvae.py` and every module it imports)
+        named in the `auto_map` of `config.json`, so that `AutoModel.from_pretrained(folder, trust_remote_code=True)`
+        loads the folder (or a Hub repo uploaded from it) where scldm_hf is not installed (see `hub_code`)."""
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        self.config.auto_map = {
+            "AutoConfig": write_class_code(self.config_class, save_directory),
+            "AutoModel": write_class_code(type(self), save_directory),
+        }
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     @cached_property
     def gene_vocab(self) -> GeneVocab:
         """The model's gene vocabulary (`config.gene_names`; gene `i` has id `i + 1`)."""
@@ -444,35 +450,6 @@ class SCVAEModel(PreTrainedModel):
     ) -> torch.LongTensor:
         """Counts `[B, G]` drawn from `mean [B, G]` and `inverse_dispersion` (`[G]`/`[B, G]`; None = Poisson)."""
         return sample_negative_binomial(mean, inverse_dispersion, generator=generator)
-
-    @torch.no_grad()
-    def encode_dataset(
-        self,
-        dataset: datasets.Dataset | ad.AnnData,
-        batch_size: int = 256,
-        collator: CellCollator | None = None,
-        show_progress: bool = True,
-    ) -> np.ndarray:
-        """Encode every cell of a dataset (rows as in docs/DESIGN.md) or AnnData of counts -> latents `[N, T, D]`.
-
-        Uses posterior means (no sampling). An AnnData is first mapped onto the model's gene vocabulary.
-        """
-        if isinstance(dataset, ad.AnnData):
-            dataset, _ = anndata_to_dataset(dataset, vocab=self.gene_vocab)
-        # encoding decodes nothing, so the default collator builds no panel
-        collator = collator or CellCollator(panel_gene_ids=[])
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
-        latents = []
-        for batch in tqdm(loader, desc="Encoding cells", unit="batch", disable=not show_progress):
-            encoded = self.encode(
-                batch["gene_ids"].to(self.device),
-                batch["counts"].to(self.device),
-                batch["attention_mask"].to(self.device),
-                library_size=batch["library_size"].to(self.device),
-                sample_posterior=False,
-            )
-            latents.append(encoded.latents.cpu().numpy())
-        return np.concatenate(latents, axis=0)
 
 
 __all__ = [

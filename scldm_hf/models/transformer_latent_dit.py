@@ -16,7 +16,7 @@ from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZ
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from scldm_hf.errors import ConditionError, ConfigurationError
+from ..errors import ConditionError, ConfigurationError
 
 from .layers import Attention, SwiGLU, swiglu_intermediate_size
 

@@ -5,24 +5,30 @@ diffusers flow-matching scheduler, decodes the latents with the VAE at library s
 log-normal model, and draws negative binomial counts.
 """
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
 from typing import Literal
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import diffusers
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
 
-from scldm_hf.errors import ConfigurationError
-from scldm_hf.models.conditioning import CellConditioner
-from scldm_hf.models.modeling_scvae import SCVAEModel
-from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
-from scldm_hf.validation import check_conditions, check_guidance_scale, check_num_cells
+from ..errors import ConfigurationError
+from ..hub_code import write_class_code
+from ..models.conditioning import CellConditioner
+from ..models.modeling_scvae import SCVAEModel
+from ..models.transformer_latent_dit import LatentDiTTransformer
+from ..validation import check_conditions, check_guidance_scale, check_num_cells
 
 OutputType = Literal["anndata", "counts", "latent"]
 DECODE_GENE_TOKENS = 2**14  # cells x genes decoded at once (see `SCLDMPipeline.decode_counts`)
@@ -66,6 +72,51 @@ class SCLDMPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler, conditioner=conditioner)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | PathLike, **kwargs) -> "SCLDMPipeline":
+        """Load a folder written by `save_pretrained`, or a Hub repo id, with this class and this package's models.
+
+        `model_index.json` names the code shipped in the folder (see `save_pretrained`), which
+        `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` imports; here the installed classes load the
+        weights instead, so no remote code runs. `revision`, `cache_dir`, `local_files_only` and `token` select the
+        Hub snapshot (`huggingface_hub.snapshot_download`), `torch_dtype` is passed to the models, and components
+        given by name (e.g. `scheduler=...`) are used as given.
+        """
+        hub_options = {name: kwargs.pop(name) for name in ("revision", "cache_dir", "local_files_only", "token")
+                       if name in kwargs}
+        model_options = {"torch_dtype": kwargs.pop("torch_dtype")} if "torch_dtype" in kwargs else {}
+        component_names, _ = cls._get_signature_keys(cls)
+        unknown = sorted(set(kwargs) - set(component_names))
+        if unknown:
+            raise ConfigurationError(
+                f"{cls.__name__}.from_pretrained got unsupported arguments {unknown}; it takes the components "
+                f"{sorted(component_names)}, torch_dtype, and the Hub options {sorted(hub_options) or 'revision'}."
+            )
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_options))
+        index = json.loads((folder / cls.config_name).read_text())
+        model_classes = {"vae": SCVAEModel, "transformer": LatentDiTTransformer, "conditioner": CellConditioner}
+        for name in sorted(set(component_names) - set(kwargs)):
+            if name in model_classes:
+                kwargs[name] = model_classes[name].from_pretrained(folder / name, **model_options)
+            else:
+                kwargs[name] = getattr(diffusers, index[name][1]).from_pretrained(folder, subfolder=name)
+        return cls(**kwargs)
+
+    def save_pretrained(self, save_directory: str | PathLike, **kwargs) -> None:
+        """`DiffusionPipeline.save_pretrained`, plus the code of the pipeline (at the root) and of each scLDM model (in
+        its folder), named in `model_index.json` as diffusers expects custom code: the folder, or a Hub repo uploaded
+        from it, loads with `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` where scldm_hf is not
+        installed. The root names `SCLDMPipeline` (subclasses load the same folder with their `from_pretrained`)."""
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        index = json.loads((folder / self.config_name).read_text())
+        index["_class_name"] = write_class_code(SCLDMPipeline, folder).split(".")
+        for name in ("vae", "transformer", "conditioner"):
+            index[name] = write_class_code(type(getattr(self, name)), folder / name).split(".")
+        (folder / self.config_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def add_condition_labels(self, covariate: str, labels: list[str]) -> None:
         """Add new labels to a covariate (for fine-tuning); existing label embeddings stay bit-identical."""

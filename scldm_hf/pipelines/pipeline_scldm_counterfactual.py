@@ -25,9 +25,9 @@ import scipy.sparse as sp
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from scldm_hf.data import anndata_to_dataset
-from scldm_hf.errors import ConfigurationError
-from scldm_hf.validation import check_conditions, check_guidance_scale
+from ..data import anndata_to_dataset, encode_dataset
+from ..errors import ConfigurationError
+from ..validation import check_conditions, check_guidance_scale
 
 from .pipeline_scldm import OutputType, SCLDMPipeline, SCLDMPipelineOutput
 
@@ -157,7 +157,7 @@ class SCLDMCounterfactualPipeline(SCLDMPipeline):
         dataset, info = anndata_to_dataset(cells, vocab=self.vae.gene_vocab)
         measured_columns = torch.as_tensor(info.measured_gene_ids, device=self._execution_device) - 1
         device = self._execution_device
-        vae_latents = torch.from_numpy(self.vae.encode_dataset(dataset, batch_size=batch_size)).to(device)
+        vae_latents = torch.from_numpy(encode_dataset(self.vae, dataset, batch_size=batch_size)).to(device)
         clean_latents = self.vae.normalize_latents(vae_latents)
         library_size = torch.as_tensor(np.asarray(dataset["library_size"]), dtype=torch.float32, device=device)
 

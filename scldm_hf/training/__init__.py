@@ -24,7 +24,6 @@ _EXPORTS = {
     "train_dit": "scldm_hf.training.dit",
     "finetune": "scldm_hf.training.finetune",
     "push_folder_to_hub": "scldm_hf.training.hub",
-    "resolve_pretrained": "scldm_hf.training.hub",
     "DataProvenance": "scldm_hf.training.model_card",
     "render_model_card": "scldm_hf.training.model_card",
     "TrainingProgress": "scldm_hf.training.checkpointing",

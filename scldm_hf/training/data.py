@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from scldm_hf.data import CorpusInfo, GeneVocab, anndata_to_corpus, load_corpus, load_pbmc68k_counts
+from scldm_hf.data import CorpusInfo, GeneVocab, anndata_to_corpus, encode_dataset, load_corpus, load_pbmc68k_counts
 from scldm_hf.data.corpus import CORPUS_FILE_NAME
 from scldm_hf.errors import ConditionError, ConfigurationError, InputDataError, VocabularyError
 
@@ -175,7 +175,7 @@ def encode_latent_cache(
     with accelerator.main_process_first():
         if accelerator.is_main_process and not _cache_matches(cache_dir, key, LATENT_CACHE_KEY_FILE):
             vae.eval()
-            latents = vae.encode_dataset(dataset, batch_size=batch_size).astype(np.float32)
+            latents = encode_dataset(vae, dataset, batch_size=batch_size).astype(np.float32)
             latent_column = datasets.Dataset.from_dict(
                 {"latents": latents},
                 features=datasets.Features({"latents": datasets.Array2D(shape=latents.shape[1:], dtype="float32")}),

@@ -14,14 +14,13 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
-from scldm_hf.loading import load_pipeline
+from scldm_hf.loading import load_pipeline, resolve_model_path
 from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.pipelines import SCLDMPipeline
 
 from .config import FinetuneConfig, TrainingConfig, VAETrainingConfig
 from .data import align_covariate_labels, prepare_corpus, split_train_validation
 from .dit import conditioned_covariates, fit_latent_dit
-from .hub import resolve_pretrained
 from .loop import build_accelerator
 from .vae import train_vae
 
@@ -31,7 +30,7 @@ VAE_FINETUNE_DIR = "vae_finetune"
 
 def finetune(config: FinetuneConfig) -> SCLDMPipeline:
     """Fine-tune ``config.pipeline_name_or_path`` on ``config.data``; returns the saved pipeline."""
-    pretrained_dir = resolve_pretrained(config.pipeline_name_or_path, config.local_files_only)
+    pretrained_dir = resolve_model_path(config.pipeline_name_or_path, config.local_files_only)
     vae = train_vae(vae_finetune_config(config, pretrained_dir)) if not config.freeze_vae else None
     accelerator = build_accelerator(config)
     set_seed(config.seed)

@@ -1,12 +1,9 @@
-"""Publishing a trained model folder to the Hugging Face Hub, and resolving Hub ids to local folders."""
+"""Publishing a trained model folder to the Hugging Face Hub."""
 
 from pathlib import Path
 
 import yaml
-from huggingface_hub import HfApi, ModelCard, snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
-
-from scldm_hf.errors import CheckpointError
+from huggingface_hub import HfApi, ModelCard
 
 from .config import TrainingConfig, config_to_dict
 
@@ -32,17 +29,3 @@ def push_folder_to_hub(folder: str | Path, repo_id: str, token: str | None = Non
     api.upload_folder(repo_id=repo_url.repo_id, folder_path=str(folder), ignore_patterns=list(PUSH_IGNORE_PATTERNS),
                       commit_message=commit_message)
     return str(repo_url)
-
-
-def resolve_pretrained(name_or_path: str, local_files_only: bool = False) -> Path:
-    """A local folder as is, else the Hub snapshot folder of repo id `name_or_path` (from the cache when offline)."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    try:
-        return Path(snapshot_download(name_or_path, local_files_only=local_files_only))
-    except LocalEntryNotFoundError as error:
-        raise CheckpointError(
-            f"{name_or_path!r} is neither a local folder nor a Hub repo in the local cache ({error}); pass the folder "
-            "of a saved pipeline, or download the repo once with `huggingface-cli download <repo_id>`."
-        ) from error
