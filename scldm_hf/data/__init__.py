@@ -1,7 +1,15 @@
 """Data layer: gene vocabulary, AnnData -> datasets conversion, batch collation, bundled PBMC data."""
 
 from .collator import CellCollator
-from .corpus import CorpusInfo, anndata_to_corpus, anndata_to_dataset, cell_features, load_corpus
+from .corpus import (
+    CorpusInfo,
+    anndata_to_corpus,
+    anndata_to_dataset,
+    cell_features,
+    cells_to_corpus,
+    cells_to_h5ad,
+    load_corpus,
+)
 from .datasets_pbmc import load_pbmc68k_counts
 from .vocab import GeneVocab
 
@@ -12,6 +20,8 @@ __all__ = [
     "anndata_to_corpus",
     "anndata_to_dataset",
     "cell_features",
+    "cells_to_corpus",
+    "cells_to_h5ad",
     "load_corpus",
     "load_pbmc68k_counts",
 ]
