@@ -4,14 +4,15 @@ Every ``SCLDMError`` is printed as one line (``error: ...``) with exit code 2; `
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from scldm_hf.errors import ConfigurationError, InputDataError, SCLDMError
 
 
-def _parse_conditions(pairs: list[str], num_cells: int) -> dict[str, list[str]] | None:
-    """``["cell_type=B", "condition=stimulated"]`` -> ``{"cell_type": ["B"] * n, ...}``."""
+def _parse_conditions(pairs: list[str]) -> dict[str, str] | None:
+    """``["cell_type=B", "condition=stimulated"]`` -> ``{"cell_type": "B", "condition": "stimulated"}``."""
     if not pairs:
         return None
     conditions = {}
@@ -19,8 +20,27 @@ def _parse_conditions(pairs: list[str], num_cells: int) -> dict[str, list[str]] 
         key, sep, label = pair.partition("=")
         if not sep or not key or not label:
             raise ConfigurationError(f"--condition {pair!r} is not KEY=LABEL; write e.g. --condition cell_type='CD14+ Monocyte'.")
-        conditions[key] = [label] * num_cells
+        if key in conditions:
+            raise ConfigurationError(
+                f"--condition {key}=... is given twice ({conditions[key]!r} and {label!r}): give each covariate once, "
+                "or use --conditions-file for cells of several labels."
+            )
+        conditions[key] = label
     return conditions
+
+
+def _check_output_path(path: str, overwrite: bool) -> Path:
+    """Refuse, before any work, an output that exists (without --overwrite) or cannot be written."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConfigurationError(f"{path} already exists: choose another --out, or pass --overwrite to replace it.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(f"cannot create the folder of {path} ({error.strerror}): choose another --out.") from error
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigurationError(f"{path.parent} is not writable: choose another --out.")
+    return path
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -39,7 +59,7 @@ def _convert(args) -> str:
     min_overlap = DEFAULT_MIN_VOCAB_OVERLAP if args.min_vocab_overlap is None else args.min_vocab_overlap
     info = anndata_to_corpus(
         args.input, args.output_dir, vocab=vocab, covariates=args.covariate, layer=args.layer,
-        min_vocab_overlap=min_overlap,
+        min_vocab_overlap=min_overlap, overwrite=args.overwrite,
     )
     return f"corpus of {info.num_cells} cells x {len(info.measured_gene_ids)} genes written to {args.output_dir}"
 
@@ -48,29 +68,28 @@ def _generate(args) -> str:
     import torch
 
     from scldm_hf.loading import load_pipeline
+    from scldm_hf.pipelines.streaming import generate_to_file
     from scldm_hf.validation import check_guidance_scale, check_num_cells
 
     check_num_cells(args.num_cells)
     check_guidance_scale(args.guidance_scale, conditioned=[])
     if args.conditions_file and args.condition:
         raise ConfigurationError("pass either --condition KEY=LABEL or --conditions-file, not both.")
-    conditions = (
-        _read_conditions_file(args.conditions_file) if args.conditions_file
-        else _parse_conditions(args.condition, args.num_cells)
-    )
+    out = _check_output_path(args.out, args.overwrite)
+    conditions = _read_conditions_file(args.conditions_file) if args.conditions_file else _parse_conditions(args.condition)
     pipe = load_pipeline(args.model, revision=args.revision)
-
-    generator = torch.Generator().manual_seed(args.seed)
-    output = pipe(
+    num_cells = generate_to_file(
+        pipe,
+        out,
+        overwrite=args.overwrite,
         conditions=conditions,
         num_cells=None if args.conditions_file else args.num_cells,
         guidance_scale=args.guidance_scale,
         num_inference_steps=args.steps,
-        generator=generator,
+        generator=torch.Generator().manual_seed(args.seed),
+        batch_size=args.batch_size,
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    output.cells.write_h5ad(args.out)
-    return f"{output.cells.n_obs} cells written to {args.out}"
+    return f"{num_cells} cells written to {out}"
 
 
 def _read_conditions_file(path: str):
@@ -86,21 +105,35 @@ def _read_conditions_file(path: str):
 
 
 def _read_h5ad(path: str, what: str):
+    """The AnnData at `path`, with unique gene names."""
     import anndata
+
+    from scldm_hf.validation import check_unique_var_names
 
     if not Path(path).is_file():
         raise InputDataError(f"No {what} .h5ad file at {path}: pass the path of an AnnData written with write_h5ad.")
-    return anndata.read_h5ad(path)
+    try:
+        adata = anndata.read_h5ad(path)
+    except Exception as error:  # h5py/anndata raise OSError, KeyError, ... on truncated or foreign files
+        raise InputDataError(
+            f"The {what} file {path} cannot be read as .h5ad ({type(error).__name__}: {error}); it is truncated, "
+            "empty or not an AnnData: write it again with adata.write_h5ad(path)."
+        ) from error
+    try:
+        check_unique_var_names(adata.var_names)
+    except InputDataError as error:
+        raise InputDataError(f"In the {what} file {path}: {error}") from None
+    return adata
 
 
 def _evaluate(args) -> str:
     from scldm_hf.evaluation import evaluate_generation
 
+    out = _check_output_path(args.out, args.overwrite)
     real = _read_h5ad(args.real, "real")
     generated = _read_h5ad(args.generated, "generated")
     table = evaluate_generation(real, generated, condition_key=args.condition_key)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out)
+    table.to_csv(out)
     print(table.to_string(float_format="{:.4g}".format))
     return f"metrics written to {args.out}"
 
@@ -125,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="genes of a model: gene_vocab.json, or a saved VAE/pipeline folder")
     convert.add_argument("--min-vocab-overlap", type=float, default=None,
                          help="minimum fraction of vocabulary genes the data must measure (default 0.01)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     convert.set_defaults(run=_convert)
 
     train = commands.add_parser("train", help="train a stage (arguments go to training/train_<stage>.py)")
@@ -142,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance-scale", type=float, default=1.0)
     generate.add_argument("--steps", type=int, default=25)
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--out", default="generated.h5ad")
+    generate.add_argument("--batch-size", type=int, default=256, help="cells generated and written at once")
+    generate.add_argument("--out", default="generated.h5ad",
+                          help="an .h5ad file, or a folder for a datasets corpus (Arrow shards, flat memory); both "
+                               "are written batch by batch")
+    generate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     generate.set_defaults(run=_generate)
 
     evaluate = commands.add_parser("evaluate", help="compare generated with real cells")
@@ -150,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("generated")
     evaluate.add_argument("--condition-key", required=True)
     evaluate.add_argument("--out", default="metrics.csv")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     evaluate.set_defaults(run=_evaluate)
     return parser
 

@@ -261,3 +261,52 @@ def test_console_script_prints_one_line_and_exits_2():
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: argument command: invalid choice: 'frobnicate'")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+# --- Outputs checked before work, --overwrite, streaming output ---
+
+
+def test_generate_output_is_checked_before_work_and_overwritten_only_when_asked(trained, tmp_path, capsys):
+    out = tmp_path / "cells.h5ad"
+    out.write_text("keep me")
+    assert "already exists: choose another --out, or pass --overwrite" in run_error(
+        generate_args(trained, out), capsys)
+    assert out.read_text() == "keep me"
+    run_ok([*generate_args(trained, out), "--overwrite"], capsys)
+    assert ad.read_h5ad(out).n_obs == 12
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert "cannot create the folder of" in run_error(generate_args(trained, blocker / "sub" / "x.h5ad"), capsys)
+
+
+def test_generate_streams_into_a_corpus_folder(trained, tmp_path, capsys):
+    out = tmp_path / "generated_corpus"
+    stdout = run_ok([*generate_args(trained, out), "--batch-size", 5], capsys)
+    dataset, info = load_corpus(out)
+    assert "12 cells written" in stdout and len(dataset) == info.num_cells == 12
+    assert set(dataset.features["cell_type"].int2str(dataset["cell_type"])) == {CELL_TYPE}
+
+
+def test_repeated_condition_keys_are_refused(trained, tmp_path, capsys):
+    line = run_error(["generate", trained, "--condition", f"cell_type={CELL_TYPE}", "--condition",
+                      f"cell_type={OTHER_CELL_TYPE}", "--out", tmp_path / "x.h5ad"], capsys)
+    assert "--condition cell_type=... is given twice" in line
+
+
+def test_evaluate_refuses_duplicate_gene_names_and_unreadable_files(workdir, generated, tmp_path, capsys):
+    real = ad.read_h5ad(workdir / "real.h5ad")
+    real.var_names = ["CD3D"] * 2 + list(real.var_names[2:])
+    real.write_h5ad(tmp_path / "duplicated.h5ad")
+    args = ["--condition-key", "cell_type", "--out", tmp_path / "m.csv"]
+    line = run_error(["evaluate", tmp_path / "duplicated.h5ad", generated, *args], capsys)
+    assert "In the real file" in line and "var_names_make_unique()" in line
+    (tmp_path / "empty.h5ad").write_bytes(b"")
+    line = run_error(["evaluate", tmp_path / "empty.h5ad", generated, *args], capsys)
+    assert "cannot be read as .h5ad" in line
+
+
+def test_convert_overwrite_flag(workdir, tmp_path, capsys):
+    out = tmp_path / "corpus"
+    run_ok(["convert", workdir / "real.h5ad", out], capsys)
+    assert "--overwrite" in run_error(["convert", workdir / "real.h5ad", out], capsys)
+    run_ok(["convert", workdir / "real.h5ad", out, "--overwrite"], capsys)

@@ -1,9 +1,17 @@
 """Data layer: gene vocabulary, AnnData -> datasets conversion, batch collation, bundled PBMC data."""
 
 from .collator import CellCollator
-from .corpus import CorpusInfo, anndata_to_corpus, anndata_to_dataset, cell_features, load_corpus
-from .encoding import encode_dataset
+from .corpus import (
+    CorpusInfo,
+    anndata_to_corpus,
+    anndata_to_dataset,
+    cell_features,
+    cells_to_corpus,
+    cells_to_h5ad,
+    load_corpus,
+)
 from .datasets_pbmc import load_pbmc68k_counts
+from .encoding import encode_dataset
 from .vocab import GeneVocab
 
 __all__ = [
@@ -13,6 +21,8 @@ __all__ = [
     "anndata_to_corpus",
     "anndata_to_dataset",
     "cell_features",
+    "cells_to_corpus",
+    "cells_to_h5ad",
     "encode_dataset",
     "load_corpus",
     "load_pbmc68k_counts",

@@ -323,6 +323,48 @@ def cells_to_corpus(
     return info
 
 
+def cells_to_h5ad(
+    batches: Iterable[tuple[Sequence[str], sp.csr_matrix, Mapping[str, np.ndarray]]],
+    path: str | PathLike,
+    genes: Sequence[str],
+    covariate_labels: Mapping[str, Sequence[str]],
+    overwrite: bool = False,
+) -> int:
+    """Write an ``.h5ad`` from batches as for :func:`cells_to_corpus`: the CSR rows are appended to ``X`` on disk
+    batch by batch; ``obs`` (cell names and categorical labels of the covariates the batches carry) is written at the
+    end. Written to a staging file beside `path` and renamed when complete; returns the number of cells."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConfigurationError(f"{path} already exists: choose another output or pass overwrite=True (--overwrite).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{STAGING_SUFFIX}")
+    cell_ids, codes = [], {}
+    try:
+        with h5py.File(staging, "w") as file:
+            ad.io.write_elem(file, "X", sp.csr_matrix((0, len(genes)), dtype=np.int32))
+            matrix = ad.io.sparse_dataset(file["X"])
+            for batch_cell_ids, counts, label_ids in batches:
+                matrix.append(counts.astype(np.int32))
+                cell_ids.extend(batch_cell_ids)
+                for name, ids in label_ids.items():
+                    codes.setdefault(name, []).append(ids)
+            obs = pd.DataFrame(
+                {name: pd.Categorical.from_codes(np.concatenate(ids), categories=list(covariate_labels[name]))
+                 for name, ids in codes.items()},
+                index=pd.Index(cell_ids),
+            )
+            ad.io.write_elem(file, "obs", obs)
+            ad.io.write_elem(file, "var", pd.DataFrame(index=pd.Index(list(genes), name="gene")))
+            file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        if overwrite:
+            staging.replace(path)
+        else:
+            os.link(staging, path)  # fails, replacing nothing, if another process wrote `path` meanwhile
+    finally:
+        staging.unlink(missing_ok=True)
+    return len(cell_ids)
+
+
 @contextmanager
 def staged_output(output_dir: str | PathLike, overwrite: bool = False) -> Iterator[Path]:
     """A staging folder ``.<name>.<pid>-<random>.tmp`` beside `output_dir`, renamed to `output_dir` when the block

@@ -6,11 +6,11 @@ log-normal model, and draws negative binomial counts.
 """
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import anndata as ad
 import numpy as np
@@ -32,6 +32,15 @@ from ..validation import check_conditions, check_guidance_scale, check_num_cells
 
 OutputType = Literal["anndata", "counts", "latent"]
 DECODE_GENE_TOKENS = 2**14  # cells x genes decoded at once (see `SCLDMPipeline.decode_counts`)
+
+
+class GeneratedBatch(NamedTuple):
+    """One batch of `SCLDMPipeline.generate_batches`: cell names `[b]`, counts (CSR int32 `[b, G]`) and the label ids
+    `{covariate: [b]}` of the conditioned covariates (ids into the conditioner's labels)."""
+
+    cell_ids: list[str]
+    counts: sp.csr_matrix
+    label_ids: dict[str, np.ndarray]
 
 
 @dataclass
@@ -226,6 +235,61 @@ class SCLDMPipeline(DiffusionPipeline):
             chunks.append(sp.csr_matrix(counts.cpu().numpy().astype(np.int32)))
         return sp.vstack(chunks, format="csr")
 
+    def sample_counts(
+        self, latents: torch.Tensor, covariates: dict[str, torch.LongTensor], generator: torch.Generator | None = None
+    ) -> sp.csr_matrix:
+        """Counts (CSR int32 `[B, G]`) of VAE latents `[B, T, D]` at library sizes drawn for their label ids `[B]`."""
+        library_size = self.conditioner.sample_library_size(covariates, len(latents), generator)
+        return self.decode_counts(latents, library_size.to(latents.device), generator)
+
+    @torch.no_grad()
+    def generate_batches(
+        self,
+        conditions: dict[str, list[str] | str] | pd.DataFrame | None = None,
+        num_cells: int | None = None,
+        guidance_scale: float | dict[str, float] = 1.0,
+        num_inference_steps: int = 25,
+        generator: torch.Generator | None = None,
+        batch_size: int = 256,
+    ) -> Iterator[GeneratedBatch]:
+        """Generate cells one batch at a time, for any number of cells in bounded memory: noise, label ids and counts
+        exist for one batch only (a single row of `conditions` is repeated per batch, never `num_cells` times).
+
+        Arguments as in `__call__`; inputs are checked before the first batch. The random draws are per batch, so
+        the cells differ from `__call__`'s for the same generator (but are reproducible with it).
+        """
+        self.check_inputs(num_inference_steps, batch_size, "counts")
+        if conditions is None:
+            check_num_cells(num_cells)
+            frame = pd.DataFrame(index=range(1))
+        else:
+            frame = check_conditions(conditions)
+            if len(frame) > 1:
+                frame = check_conditions(frame, num_cells)
+            num_cells = len(frame) if num_cells is None else num_cells
+            check_num_cells(num_cells)
+            self.conditioner.encode(frame.drop_duplicates())  # unknown labels fail here, before any work
+        check_guidance_scale(guidance_scale, list(frame.columns))
+        device = self._execution_device
+        config = self.transformer.config
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        num_batches = -(-num_cells // batch_size)
+        with self.progress_bar(total=num_batches * len(self.scheduler.timesteps)) as progress_bar:
+            for start in range(0, num_cells, batch_size):
+                size = min(batch_size, num_cells - start)
+                rows = frame.iloc[[0] * size] if len(frame) == 1 else frame.iloc[start : start + size]
+                label_ids = self.conditioner.encode(rows) if conditions is not None else {}
+                covariates = {name: ids.to(device) for name, ids in label_ids.items()}
+                noise = randn_tensor((size, config.num_latent_tokens, config.latent_dim), generator=generator,
+                                     device=device, dtype=self.transformer.dtype)
+                latents = self.denoise(noise, covariates, guidance_scale, num_inference_steps, progress_bar)
+                yield GeneratedBatch(
+                    cell_ids=[f"generated_{index}" for index in range(start, start + size)],
+                    counts=self.sample_counts(self.vae.denormalize_latents(latents), covariates, generator),
+                    label_ids={name: ids.cpu().numpy() for name, ids in covariates.items()},
+                )
+        self.maybe_free_model_hooks()
+
     @torch.no_grad()
     def __call__(
         self,
@@ -285,8 +349,7 @@ class SCLDMPipeline(DiffusionPipeline):
                 if output_type == "latent":
                     outputs.append(latents)
                     continue
-                library_size = self.conditioner.sample_library_size(batch_covariates, len(latents), generator)
-                outputs.append(self.decode_counts(latents, library_size.to(device), generator))
+                outputs.append(self.sample_counts(latents, batch_covariates, generator))
         self.maybe_free_model_hooks()
 
         if output_type == "latent":
@@ -305,4 +368,4 @@ class SCLDMPipeline(DiffusionPipeline):
         return SCLDMPipelineOutput(cells=cells)
 
 
-__all__ = ["SCLDMPipeline", "SCLDMPipelineOutput"]
+__all__ = ["GeneratedBatch", "SCLDMPipeline", "SCLDMPipelineOutput"]
