@@ -2,8 +2,8 @@
 
 Typical use::
 
-    tables = {name: evaluate_generation(real_test, cells, "cell_type", real_train=real_train)
-              for name, cells in {"real held-out": real_other, "scLDM": ours, "scVI": scvi_cells}.items()}
+    tables = {name: evaluate_generation(real_test, cells, "cell_type", reference=real_train, real_floor=real_other)
+              for name, cells in {"scLDM": ours, "scVI": scvi_cells}.items()}
     write_report("outputs/report", real_test, {"scLDM": ours, "scVI": scvi_cells}, summarize(tables), "cell_type")
 """
 
@@ -17,7 +17,7 @@ from .distribution import (
     precision_recall_density_coverage,
     wasserstein,
 )
-from .evaluate import METRIC_DESCRIPTIONS, evaluate_generation, summarize
+from .evaluate import FLOOR_SUFFIX, METRIC_DESCRIPTIONS, evaluate_generation, floor_description, format_evaluation, summarize
 from .genes import gene_correlation_agreement, gene_moment_agreement, gene_moments
 from .plots import combine_real_and_generated, marker_genes_of_real, plot_gene_moments, plot_marker_dotplot, plot_umap
 from .preprocessing import fit_real_pca, log_normalize
@@ -25,6 +25,7 @@ from .reconstruction import reconstruction_metrics
 from .report import write_report
 
 __all__ = [
+    "FLOOR_SUFFIX",
     "METRIC_DESCRIPTIONS",
     "NaiveNBBaseline",
     "ScviGenerator",
@@ -34,6 +35,8 @@ __all__ = [
     "energy_distance",
     "evaluate_generation",
     "fit_real_pca",
+    "floor_description",
+    "format_evaluation",
     "gene_correlation_agreement",
     "gene_moment_agreement",
     "gene_moments",
