@@ -114,9 +114,9 @@ def _evaluate(args) -> str:
 
 
 def _train(args) -> str:
-    from scldm_hf.training import run_training_script
+    from scldm_hf.workflows import run_stage
 
-    return run_training_script(args.stage, args.script_args)
+    return run_stage(args.stage, args.script_args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from scldm_hf.evaluation import (
     reconstruction_metrics,
     wasserstein,
 )
-from scldm_hf.evaluation.side_by_side import train_scldm
+from scldm_hf.workflows.side_by_side import train_scldm
 
 LABEL_KEY = "cell_type"
 

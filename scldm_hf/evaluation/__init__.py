@@ -8,6 +8,7 @@ Typical use::
 """
 
 from .baselines import NaiveNBBaseline, ScviGenerator
+from .card_metrics import ProtocolCardMetrics
 from .classifiers import cell_type_f1, real_vs_generated_auroc
 from .distribution import (
     distribution_metrics,
@@ -28,6 +29,7 @@ __all__ = [
     "FLOOR_SUFFIX",
     "METRIC_DESCRIPTIONS",
     "NaiveNBBaseline",
+    "ProtocolCardMetrics",
     "ScviGenerator",
     "cell_type_f1",
     "combine_real_and_generated",
