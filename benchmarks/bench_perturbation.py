@@ -61,7 +61,7 @@ from perturbation.baselines import (
 from perturbation.folds import CELL_TYPES, Fold, HeldOutCells, split_held_out
 from perturbation.report import REFERENCE, markdown, summarize
 from scldm_hf.evaluation import log_normalize
-from scldm_hf.evaluation.side_by_side import train_scldm
+from scldm_hf.workflows.side_by_side import train_scldm
 from scldm_hf.pipelines import SCLDMCounterfactualPipeline, SCLDMPipeline
 from scldm_hf.pipelines.pipeline_scldm_counterfactual import EDIT_METHODS
 from scldm_hf.training import FinetuneConfig, load_config

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from scldm_hf.data import load_pbmc68k_counts
 from scldm_hf.evaluation import fit_real_pca, log_normalize, mmd_rbf
-from scldm_hf.evaluation.side_by_side import train_scldm
+from scldm_hf.workflows.side_by_side import train_scldm
 from scldm_hf.loading import load_pipeline
 
 RECIPE = Path(__file__).resolve().parents[1] / "training" / "configs" / "pbmc_demo.yaml"

@@ -127,21 +127,29 @@ def _read_h5ad(path: str, what: str):
 
 
 def _evaluate(args) -> str:
-    from scldm_hf.evaluation import evaluate_generation
+    from scldm_hf.evaluation import evaluate_generation, format_evaluation
 
     out = _check_output_path(args.out, args.overwrite)
-    real = _read_h5ad(args.real, "real")
-    generated = _read_h5ad(args.generated, "generated")
-    table = evaluate_generation(real, generated, condition_key=args.condition_key)
+    if args.reference is None and not args.allow_biased_reference:
+        raise ConfigurationError(
+            "scldm evaluate needs --reference TRAIN.h5ad (the training cells: the PCA is fitted on cells that are "
+            "neither real nor generated); --allow-biased-reference fits it on the real cells instead (biased)."
+        )
+    table = evaluate_generation(
+        _read_h5ad(args.real, "real"), _read_h5ad(args.generated, "generated"), condition_key=args.condition_key,
+        reference=_read_h5ad(args.reference, "reference") if args.reference else None,
+        real_floor=_read_h5ad(args.real_floor, "real floor") if args.real_floor else None,
+        allow_biased_reference=args.allow_biased_reference, min_cells=args.min_cells, seed=args.seed,
+    )
     table.to_csv(out)
-    print(table.to_string(float_format="{:.4g}".format))
+    print(format_evaluation(table))
     return f"metrics written to {args.out}"
 
 
 def _train(args) -> str:
-    from scldm_hf.training import run_training_script
+    from scldm_hf.workflows import run_stage
 
-    return run_training_script(args.stage, args.script_args)
+    return run_stage(args.stage, args.script_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,11 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     generate.set_defaults(run=_generate)
 
-    evaluate = commands.add_parser("evaluate", help="compare generated with real cells")
-    evaluate.add_argument("real")
-    evaluate.add_argument("generated")
-    evaluate.add_argument("--condition-key", required=True)
-    evaluate.add_argument("--out", default="metrics.csv")
+    evaluate = commands.add_parser(
+        "evaluate", help="compare generated with real cells (PCA fitted on --reference, real floor beside each score)")
+    evaluate.add_argument("real", help="real held-out cells (.h5ad of counts)")
+    evaluate.add_argument("generated", help="generated cells (.h5ad of counts over the same genes)")
+    evaluate.add_argument("--condition-key", required=True, help="obs column of the labels compared one by one")
+    evaluate.add_argument("--reference", help="cells the normalisation and PCA are fitted on: the training cells "
+                          "(neither real nor generated); required unless --allow-biased-reference")
+    evaluate.add_argument("--real-floor", help="a second real sample for the real-vs-real floor (default: the real "
+                          "cells split in half per label)")
+    evaluate.add_argument("--min-cells", type=int, default=10, help="labels with fewer comparable cells are pooled "
+                          "into one 'other (k labels)' group (default: 10)")
+    evaluate.add_argument("--allow-biased-reference", action="store_true",
+                          help="fit the PCA on the real cells when no --reference is given (scores flagged BIASED)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seeds the subsampling, floor split and classifiers")
+    evaluate.add_argument("--out", default="metrics.csv", help="CSV of the table (default: metrics.csv)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     evaluate.set_defaults(run=_evaluate)
     return parser

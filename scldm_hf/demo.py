@@ -1,7 +1,8 @@
 """``make demo``: scLDM end to end on the bundled PBMC68k cells.
 
 Trains both stages (recipe ``training/configs/pbmc_demo.yaml``), generates cells for every cell type, evaluates them
-against held-out real cells side by side with scVI, a naive baseline and a second real sample, and writes
+against held-out real cells side by side with scVI and a naive baseline (PCA fitted on the training cells, a second
+real sample as the floor beside every score, equal cells per label), and writes
 ``<output-dir>/report.html``. The last line printed says where the report is.
 """
 
@@ -12,13 +13,13 @@ from pathlib import Path
 from scldm_hf.data import load_pbmc68k_counts
 from scldm_hf.errors import SCLDMError
 from scldm_hf.evaluation import write_report
-from scldm_hf.evaluation.side_by_side import run_side_by_side, stratified_split
+from scldm_hf.workflows.side_by_side import run_side_by_side, stratified_split
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "training" / "configs" / "pbmc_demo.yaml"
 LABEL_KEY = "cell_type"
 
 
-def run_demo(output_dir: Path, recipe: Path, seed: int, guidance_scale: float, scvi_epochs: int) -> Path:
+def run_demo(output_dir: Path, recipe: Path, seed: int, guidance_scale: float, scvi_epochs: int | None) -> Path:
     """Run the whole demo into `output_dir`; returns the report's path."""
     cells = load_pbmc68k_counts()
     train, floor, test = stratified_split(cells, LABEL_KEY, fractions=(0.6, 0.2, 0.2), seed=seed)
@@ -32,11 +33,11 @@ def run_demo(output_dir: Path, recipe: Path, seed: int, guidance_scale: float, s
     result.summary.to_csv(output_dir / "metrics.csv")
     for name, table in result.per_condition.items():
         table.to_csv(output_dir / f"metrics_per_cell_type_{name.split()[0].lower()}.csv")
+    print("\n".join(f"note: {note}" for note in result.summary.attrs["notes"]))
     print(result.summary.round(3).to_string())
-    models = {name: cells for name, cells in result.generated.items() if not name.startswith("real")}
     return write_report(
-        output_dir, test, models, result.summary, LABEL_KEY,
-        title=f"scLDM on PBMC68k: {test.n_obs} held-out cells, {len(models)} generators",
+        output_dir, test, result.generated, result.summary, LABEL_KEY,
+        title=f"scLDM on PBMC68k: {test.n_obs} held-out cells, {len(result.generated)} generators",
         seed=seed,
     )
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="training recipe YAML (vae/dit sections)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float, default=1.0)
-    parser.add_argument("--scvi-epochs", type=int, default=200)
+    parser.add_argument("--scvi-epochs", type=int, default=None,
+                        help="scVI epochs (default: scvi-tools' heuristic, with early stopping on held-out loss)")
     args = parser.parse_args(argv)
     try:
         report = run_demo(args.output_dir, args.recipe, args.seed, args.guidance_scale, args.scvi_epochs)

@@ -15,6 +15,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 from scldm_hf.cli import main
@@ -151,24 +152,83 @@ def test_generate_from_a_conditions_file_makes_one_cell_per_row(trained, workdir
     assert "no such type" in run_error(["generate", trained, "--conditions-file", workdir / "unknown.csv"], capsys)
 
 
-def test_evaluate_writes_metrics_per_condition(generated, workdir, capsys):
+@pytest.fixture(scope="module")
+def reference(workdir, pbmc_counts) -> Path:
+    """The training cells of the evaluation protocol: PBMC cells 120-359, disjoint from `real.h5ad`."""
+    pbmc_counts[NUM_CELLS:3 * NUM_CELLS].copy().write_h5ad(workdir / "reference.h5ad")
+    return workdir / "reference.h5ad"
+
+
+def test_evaluate_writes_metrics_per_condition(generated, workdir, reference, capsys):
     out = workdir / "metrics.csv"
-    with pytest.warns(UserWarning, match="Skipped conditions"):
-        stdout = run_ok(["evaluate", workdir / "real.h5ad", generated, "--condition-key", "cell_type", "--out", out],
-                        capsys)
+    stdout = run_ok(["evaluate", workdir / "real.h5ad", generated, "--condition-key", "cell_type",
+                     "--reference", reference, "--out", out], capsys)
     table = pd.read_csv(out, index_col=0)
-    assert list(table.index) == [OTHER_CELL_TYPE, CELL_TYPE, "mean"] and table.loc[CELL_TYPE, "n_generated"] == 12
+    # 44 Dendritic and 22 Monocyte real cells split in half for the floor; 12 generated of each: equal counts
+    assert list(table.index) == [OTHER_CELL_TYPE, CELL_TYPE, "other (7 labels)", "mean"]
+    assert table.loc[CELL_TYPE, "n_generated"] == table.loc[CELL_TYPE, "n_real"] == 12
+    assert table.loc[OTHER_CELL_TYPE, "n_generated"] == 11
+    assert list(table.columns[2:4]) == ["mmd_rbf", "mmd_rbf_real_floor"]
     assert 0 <= table.loc["mean", "cell_type_f1_generated"] <= 1
-    assert f"metrics written to {out}" in stdout
+    assert "note: other (7 labels): labels with fewer than 10 comparable cells, pooled: CD19+ B (" in stdout
+    assert "generated 24 -> 23" in stdout and f"metrics written to {out}" in stdout
+
+
+@pytest.fixture(scope="module")
+def pbmc_thirds(tmp_path_factory, pbmc_counts) -> dict[str, Path]:
+    """PBMC68k in three disjoint random thirds (reference, real, other real sample) plus the other third with each
+    gene's counts permuted across cells (per-gene marginals kept, gene-gene structure destroyed)."""
+    root = tmp_path_factory.mktemp("thirds")
+    order = np.random.default_rng(0).permutation(pbmc_counts.n_obs)
+    paths = {}
+    for name, part in zip(("reference", "real", "other"), np.array_split(order, 3)):
+        paths[name] = root / f"{name}.h5ad"
+        pbmc_counts[part].copy().write_h5ad(paths[name])
+    shuffled = ad.read_h5ad(paths["other"])
+    counts = shuffled.X.toarray()
+    rng = np.random.default_rng(0)
+    shuffled.X = sp.csr_matrix(np.stack([rng.permutation(column) for column in counts.T], axis=1))
+    paths["shuffled"] = root / "shuffled.h5ad"
+    shuffled.write_h5ad(paths["shuffled"])
+    return paths
+
+
+def test_evaluate_floor_is_null_and_a_shuffled_sample_scores_worse(pbmc_thirds, tmp_path, capsys):
+    tables = {}
+    for name in ("other", "shuffled"):
+        out = tmp_path / f"{name}.csv"
+        stdout = run_ok(["evaluate", pbmc_thirds["real"], pbmc_thirds[name], "--condition-key", "cell_type",
+                         "--reference", pbmc_thirds["reference"], "--min-cells", 30, "--out", out], capsys)
+        tables[name] = pd.read_csv(out, index_col=0)
+    real, shuffled = tables["other"].loc["mean"], tables["shuffled"].loc["mean"]
+    assert "note: other (9 labels): labels with fewer than 30 comparable cells, pooled: CD14+ Monocyte (" in stdout
+    assert list(tables["other"].index) == ["Dendritic", "other (9 labels)", "mean"]
+    for table in tables.values():  # the floor: the real cells split in half, under the reference's PCA
+        floor = table.loc["mean"]
+        assert abs(floor["mmd_rbf_real_floor"]) < 0.03
+        assert 0.4 < floor["nn_accuracy_real_floor"] < 0.6 and 0.35 < floor["classifier_auroc_real_floor"] < 0.65
+    assert abs(real["mmd_rbf"]) < 0.03 and real["classifier_auroc"] < 0.65  # a second real sample scores as the floor
+    assert shuffled["mmd_rbf"] > shuffled["mmd_rbf_real_floor"] + 0.3
+    assert shuffled["nn_accuracy"] > 0.9 and shuffled["classifier_auroc"] > 0.9
+    assert shuffled["gene_correlation_all_cells"] < 0.5 < shuffled["gene_correlation_all_cells_real_floor"]
+    assert shuffled["cell_type_f1_generated"] < shuffled["cell_type_f1_generated_real_floor"]
+
+
+def test_evaluate_without_reference_is_refused_or_flagged(pbmc_thirds, tmp_path, capsys):
+    argv = ["evaluate", pbmc_thirds["real"], pbmc_thirds["other"], "--condition-key", "cell_type", "--out",
+            tmp_path / "biased.csv"]
+    assert "needs --reference TRAIN.h5ad" in run_error(argv, capsys)
+    stdout = run_ok([*argv, "--allow-biased-reference", "--min-cells", 40], capsys)
+    assert stdout.startswith("note: BIASED REFERENCE: the PCA is fitted on the real cells compared")
 
 
 # --- Errors: one line, exit code 2 ---
 
 
-def test_evaluate_one_generated_cell_type_is_an_error_line(workdir, generated, capsys):
+def test_evaluate_one_generated_cell_type_is_an_error_line(workdir, generated, reference, capsys):
     assert "needs at least two" in run_error(
         ["evaluate", workdir / "real.h5ad", workdir / "generated_0.h5ad", "--condition-key", "cell_type",
-         "--out", workdir / "one.csv"], capsys)
+         "--reference", reference, "--out", workdir / "one.csv"], capsys)
 
 
 @pytest.mark.parametrize(("case", "build", "covariates", "error", "message"), MALFORMED, ids=MALFORMED_IDS)
@@ -202,7 +262,8 @@ def test_convert_vocabulary_overlap_minimum_is_configurable(workdir, tmp_path, c
         (["generate", "pipe", "--num-cells", "0"], r"num_cells=0 must be a positive integer"),
         (["generate", "pipe", "--guidance-scale", "nan"], r"guidance_scale values must be finite numbers"),
         (["generate", "./nowhere/pipe"], r"No model folder at nowhere/pipe"),
-        (["evaluate", "real.h5ad", "gen.h5ad", "--condition-key", "cell_type"], r"No real \.h5ad file at real\.h5ad"),
+        (["evaluate", "real.h5ad", "gen.h5ad", "--condition-key", "cell_type", "--reference", "train.h5ad"],
+         r"No real \.h5ad file at real\.h5ad"),
         (["evaluate", "real.h5ad", "gen.h5ad"], r"the following arguments are required: --condition-key"),
         (["train", "vae", "--config", str(TINY), "--batch_sise", "4"], r"unknown option"),
         (["train", "vae", "--config", str(TINY), "--data", "nowhere"], r"data='nowhere' is neither a corpus folder"),

@@ -11,7 +11,6 @@ TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.filterwarnings("ignore:Skipped conditions")
 def test_demo_trains_generates_evaluates_and_writes_the_report(tmp_path):
     report = run_demo(tmp_path, TINY, seed=0, guidance_scale=1.0, scvi_epochs=2)
 
@@ -23,9 +22,10 @@ def test_demo_trains_generates_evaluates_and_writes_the_report(tmp_path):
     assert (tmp_path / "scldm" / "pipeline" / "model_index.json").is_file()
 
     summary = pd.read_csv(tmp_path / "metrics.csv", index_col="model")
-    assert list(summary.index) == ["real (held-out sample)", "scLDM", "scVI", "naive NB"]
-    floor = summary.loc["real (held-out sample)"]
-    # a second real sample is the floor: indistinguishable from the test cells, closer than any generator here
-    assert 0.35 < floor["nn_accuracy"] < 0.65
-    assert floor["mmd_rbf"] < summary.drop(index="real (held-out sample)")["mmd_rbf"].min()
-    assert (summary["wall_time_s"].drop(index="real (held-out sample)") > 0).all()
+    assert list(summary.index) == ["scLDM", "scVI", "naive NB"]
+    # a second real sample is the floor beside every score: indistinguishable from the test cells, closer than any
+    # generator here, and the same for every model (same test cells, same seeded subsampling)
+    assert summary["nn_accuracy_real_floor"].nunique() == 1 and 0.35 < summary["nn_accuracy_real_floor"].iloc[0] < 0.65
+    assert (summary["mmd_rbf_real_floor"] < summary["mmd_rbf"]).all()
+    assert (summary["n_real"] == summary["n_generated"]).all()
+    assert (summary["wall_time_s"] > 0).all()

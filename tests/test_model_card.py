@@ -12,6 +12,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 
+from scldm_hf.evaluation import ProtocolCardMetrics
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
 from scldm_hf.training.dit import train_dit
 from scldm_hf.training.vae import train_vae
@@ -50,7 +51,7 @@ def pushed_vae(h5ad, tmp_path_factory):
         patch.setattr(HfApi, "_validate_yaml", lambda self, content, **kwargs: None)
         patch.setattr("huggingface_hub._upload_pipeline.pipelined_upload", upload)
         patch.setattr(HfApi, "create_commit", lambda self, **kwargs: upload(**kwargs))
-        train_vae(config)
+        train_vae(config, ProtocolCardMetrics())
     return output_dir, calls
 
 
@@ -86,22 +87,24 @@ def test_vae_card_reports_data_and_measured_metrics(pushed_vae):
     assert "max_train_steps: 12" in text and "hub_token" not in text
 
 
-@pytest.mark.filterwarnings("ignore:Skipped conditions with fewer than")
-def test_pipeline_card_reports_generation_metrics(pushed_vae, tmp_path):
+def test_pipeline_card_reports_generation_metrics_under_the_protocol(pushed_vae, tmp_path):
     vae_dir, _ = pushed_vae
     output_dir = tmp_path / "pipeline"
     train_dit(load_config(DiTTrainingConfig, TINY, {
         "data": str(vae_dir / "corpus"), "output_dir": str(output_dir), "vae_name_or_path": str(vae_dir),
         "validation_fraction": 0.5, "num_eval_cells": 200, "eval_inference_steps": 4,
-    }, section="dit"))
+    }, section="dit"), ProtocolCardMetrics())
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.library_name == "diffusers"
     text = card.text
     assert "**Cells:** 200 (100 for training, 100 held out for validation)" in text
     metrics = final_metrics(output_dir)
     assert {"validation_flow_matching_loss", "mmd_rbf", "wasserstein_2", "classifier_auroc"} <= set(metrics)
+    # the card's protocol: PCA on the training cells, equal counts, the real floor (held-out cells split) beside
+    assert {"mmd_rbf_real_floor", "classifier_auroc_real_floor", "nn_accuracy_real_floor"} <= set(metrics)
+    assert metrics["n_real"] == metrics["n_generated"] <= 50
     for name, value in metrics.items():
         assert f"| {name} | {value:.4g} |" in text
-    assert "`mmd_rbf`: unbiased MMD^2" in text
+    assert "`mmd_rbf`: unbiased MMD^2" in text and "`mmd_rbf_real_floor`: real-vs-real floor of mmd_rbf" in text
     assert 'conditions={"cell_type": ["CD14+ Monocyte"]},\n    guidance_scale=2.0,' in text
     assert '--condition cell_type="CD14+ Monocyte"' in text

@@ -16,7 +16,7 @@ import torch
 from scldm_hf.data import encode_dataset
 from scldm_hf.errors import ConfigurationError
 from scldm_hf.evaluation import log_normalize
-from scldm_hf.evaluation.side_by_side import train_scldm
+from scldm_hf.workflows.side_by_side import train_scldm
 from scldm_hf.pipelines import SCLDMCounterfactualPipeline, SCLDMPipeline
 
 KANG_PATH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kang2018_pbmc_ifnb_counts.h5ad"

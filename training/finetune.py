@@ -8,7 +8,7 @@ Options: the fields of scldm_hf.training.FinetuneConfig (top-level keys + the `f
 
 import sys
 
-from scldm_hf.training import main
+from scldm_hf.workflows import main
 
 if __name__ == "__main__":
     sys.exit(main("finetune"))

@@ -8,7 +8,7 @@ Options: the fields of scldm_hf.training.VAETrainingConfig (top-level keys + the
 
 import sys
 
-from scldm_hf.training import main
+from scldm_hf.workflows import main
 
 if __name__ == "__main__":
     sys.exit(main("vae"))

@@ -2,12 +2,13 @@
 
 Typical use::
 
-    tables = {name: evaluate_generation(real_test, cells, "cell_type", real_train=real_train)
-              for name, cells in {"real held-out": real_other, "scLDM": ours, "scVI": scvi_cells}.items()}
+    tables = {name: evaluate_generation(real_test, cells, "cell_type", reference=real_train, real_floor=real_other)
+              for name, cells in {"scLDM": ours, "scVI": scvi_cells}.items()}
     write_report("outputs/report", real_test, {"scLDM": ours, "scVI": scvi_cells}, summarize(tables), "cell_type")
 """
 
 from .baselines import NaiveNBBaseline, ScviGenerator
+from .card_metrics import ProtocolCardMetrics
 from .classifiers import cell_type_f1, real_vs_generated_auroc
 from .distribution import (
     distribution_metrics,
@@ -17,7 +18,7 @@ from .distribution import (
     precision_recall_density_coverage,
     wasserstein,
 )
-from .evaluate import METRIC_DESCRIPTIONS, evaluate_generation, summarize
+from .evaluate import FLOOR_SUFFIX, METRIC_DESCRIPTIONS, evaluate_generation, floor_description, format_evaluation, summarize
 from .genes import gene_correlation_agreement, gene_moment_agreement, gene_moments
 from .plots import combine_real_and_generated, marker_genes_of_real, plot_gene_moments, plot_marker_dotplot, plot_umap
 from .preprocessing import fit_real_pca, log_normalize
@@ -25,8 +26,10 @@ from .reconstruction import reconstruction_metrics
 from .report import write_report
 
 __all__ = [
+    "FLOOR_SUFFIX",
     "METRIC_DESCRIPTIONS",
     "NaiveNBBaseline",
+    "ProtocolCardMetrics",
     "ScviGenerator",
     "cell_type_f1",
     "combine_real_and_generated",
@@ -34,6 +37,8 @@ __all__ = [
     "energy_distance",
     "evaluate_generation",
     "fit_real_pca",
+    "floor_description",
+    "format_evaluation",
     "gene_correlation_agreement",
     "gene_moment_agreement",
     "gene_moments",

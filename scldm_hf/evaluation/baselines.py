@@ -122,7 +122,9 @@ class ScviGenerator(CellTypeCountGenerator):
     """scVI (scvi-tools) trained on the training counts; a generated cell decodes `z ~ q(z | x)` of a random
     training cell of its type, with an observed library size, and samples the NB.
 
-    scvi-tools is an optional dependency (`pip install scldm-hf[bench]`), imported in `fit`.
+    Trained at scvi-tools' defaults: ``max_epochs=None`` is its heuristic (fewer epochs for more cells) and
+    ``early_stopping`` stops on the loss of its held-out 10% of cells. scvi-tools is an optional dependency
+    (`pip install scldm-hf[bench]`), imported in `fit`.
     """
 
     def __init__(
@@ -131,7 +133,8 @@ class ScviGenerator(CellTypeCountGenerator):
         n_latent: int = 10,
         n_hidden: int = 128,
         n_layers: int = 1,
-        max_epochs: int = 100,
+        max_epochs: int | None = None,
+        early_stopping: bool = True,
         training_batch_size: int = 128,
         seed: int = 0,
         batch_size: int = 1024,
@@ -139,6 +142,7 @@ class ScviGenerator(CellTypeCountGenerator):
         super().__init__(label_key, batch_size=batch_size)
         self.model_kwargs = {"n_latent": n_latent, "n_hidden": n_hidden, "n_layers": n_layers, "gene_likelihood": "nb"}
         self.max_epochs = max_epochs
+        self.early_stopping = early_stopping
         self.training_batch_size = training_batch_size
         self.seed = seed
 
@@ -149,7 +153,8 @@ class ScviGenerator(CellTypeCountGenerator):
         training = AnnData(counts, var=pd.DataFrame(index=self.gene_names))
         scvi.model.SCVI.setup_anndata(training)
         self.model = scvi.model.SCVI(training, **self.model_kwargs)
-        self.model.train(max_epochs=self.max_epochs, batch_size=self.training_batch_size)
+        self.model.train(max_epochs=self.max_epochs, batch_size=self.training_batch_size,
+                         early_stopping=self.early_stopping)
         posterior_mean, posterior_variance = self.model.get_latent_representation(return_dist=True)
         self.posterior_mean = torch.as_tensor(posterior_mean)  # [N_train, n_latent]
         self.posterior_std = torch.as_tensor(posterior_variance).sqrt()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from anndata import AnnData
 
-from .evaluate import METRIC_DESCRIPTIONS
+from .evaluate import FLOOR_SUFFIX, METRIC_DESCRIPTIONS, floor_description
 from .plots import combine_real_and_generated, plot_gene_moments, plot_marker_dotplot, plot_umap
 
 _STYLE = """
@@ -62,13 +62,15 @@ def write_report(
     }
 
     table = metrics_table.T  # one row per metric, one column per model (or condition)
-    table["meaning"] = [METRIC_DESCRIPTIONS.get(name, "") for name in table.index]
+    table["meaning"] = [floor_description(name) if name.endswith(FLOOR_SUFFIX) else METRIC_DESCRIPTIONS.get(name, "")
+                        for name in table.index]
     cell_counts = ", ".join(f"{name}: {cells.n_obs}" for name, cells in {"real": real, **generated_by_model}.items())
     sections = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>Cells: {html.escape(cell_counts)}. Genes: {real.n_vars}. "
         f"Condition: {html.escape(str(condition_key))}.</p>",
         "<h2>Metrics</h2>",
+        *(f"<p>{html.escape(note)}</p>" for note in metrics_table.attrs.get("notes", [])),
         table.to_html(float_format=lambda value: f"{value:.4g}", na_rep="", border=0),
         *(f"<h2>{html.escape(FIGURES[name])}</h2>\n{_embedded_image(path)}" for name, path in figures.items()),
     ]

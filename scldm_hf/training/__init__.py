@@ -1,13 +1,12 @@
 """Accelerate training of both scLDM stages, fine-tuning on new conditions, model cards and Hub publishing.
 
-Scripts in the top-level ``training/`` folder call `main`; ``scldm train <stage> ...`` calls `run_training_script`.
+The scripts in the top-level ``training/`` folder and ``scldm train <stage> ...`` run a stage through
+`scldm_hf.workflows` (which adds the evaluation of the model cards); `run_training_script` parses its arguments.
 Submodules are imported on first use, so a stage only loads what it needs.
 """
 
 import importlib
-import sys
 
-from scldm_hf.errors import SCLDMError
 from scldm_hf.lazy_exports import lazy_getattr
 
 from .config import DiTTrainingConfig, FinetuneConfig, TrainingConfig, VAETrainingConfig, load_config, parse_overrides
@@ -32,30 +31,23 @@ _EXPORTS = {
 }
 
 
-def run_training_script(stage: str, argv: list[str]) -> str:
-    """Run `stage` (``vae``, ``dit`` or ``finetune``) with ``--config recipe.yaml`` and ``--key value`` overrides."""
+def run_training_script(stage: str, argv: list[str], **train_kwargs) -> str:
+    """Run `stage` (``vae``, ``dit`` or ``finetune``) with ``--config recipe.yaml`` and ``--key value`` overrides.
+
+    `train_kwargs` go to the stage's training function (e.g. ``card_metrics``; `scldm_hf.workflows` passes it).
+    """
     config_class, target = STAGES[stage]
     config_path, overrides = parse_overrides(argv)
     config = load_config(config_class, config_path, overrides, section=stage)
     module, function = target.split(":")
-    getattr(importlib.import_module(module), function)(config)
+    getattr(importlib.import_module(module), function)(config, **train_kwargs)
     return f"{stage}: model saved to {config.output_dir}"
-
-
-def main(stage: str, argv: list[str] | None = None) -> int:
-    """Entry point of ``training/train_<stage>.py``: errors of the package are printed as one line, exit code 2."""
-    try:
-        print(run_training_script(stage, sys.argv[1:] if argv is None else argv))
-    except SCLDMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
 
 
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = sorted([
-    "DiTTrainingConfig", "FinetuneConfig", "TrainingConfig", "VAETrainingConfig", "load_config", "main",
-    "parse_overrides", "run_training_script", *_EXPORTS,
+    "DiTTrainingConfig", "FinetuneConfig", "TrainingConfig", "VAETrainingConfig", "load_config", "parse_overrides",
+    "run_training_script", *_EXPORTS,
 ])

@@ -9,7 +9,6 @@ import json
 from collections.abc import Callable, Mapping
 
 import datasets
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -21,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from scldm_hf.data import CorpusInfo
 from scldm_hf.errors import ConditionError, ConfigurationError
-from scldm_hf.evaluation import METRIC_DESCRIPTIONS, evaluate_generation
 from scldm_hf.flow_matching import DropoutMode, flow_matching_loss
 from scldm_hf.loading import load_vae
 from scldm_hf.models.conditioning import CellConditioner
@@ -29,6 +27,7 @@ from scldm_hf.models.modeling_scvae import SCVAEModel
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 from scldm_hf.pipelines import SCLDMPipeline
 
+from .card_metrics import CardMetrics
 from .config import DiTTrainingConfig
 from .data import (
     LatentCollator,
@@ -46,6 +45,8 @@ logger = get_logger(__name__)
 
 # cells whose latents give the standardisation statistics (enough for T x D means and stds)
 MAX_STATISTICS_CELLS = 50_000
+# training cells the card's evaluation PCA is fitted on
+MAX_REFERENCE_CELLS = 10_000
 
 
 class FlowMatchingObjective(nn.Module):
@@ -67,8 +68,12 @@ class FlowMatchingObjective(nn.Module):
         )
 
 
-def train_dit(config: DiTTrainingConfig) -> SCLDMPipeline:
-    """Train a latent DiT from scratch on the latents of ``config.vae_name_or_path``; returns the saved pipeline."""
+def train_dit(config: DiTTrainingConfig, card_metrics: CardMetrics | None = None) -> SCLDMPipeline:
+    """Train a latent DiT from scratch on the latents of ``config.vae_name_or_path``; returns the saved pipeline.
+
+    `card_metrics` scores the model card's generation metrics (``num_eval_cells`` > 0); without it the card reports
+    the held-out flow-matching loss only.
+    """
     if not config.vae_name_or_path:
         raise ConfigurationError("train_dit needs vae_name_or_path: the stage-1 output folder (train_vae.py).")
     accelerator = build_accelerator(config)
@@ -82,7 +87,10 @@ def train_dit(config: DiTTrainingConfig) -> SCLDMPipeline:
         covariate_num_labels={name: len(info.covariates[name]) for name in covariates},
         **config.model,
     )
-    return fit_latent_dit(accelerator, config, vae, transformer, dataset, info, covariates)
+    train_cells = split_train_validation(dataset, config.validation_fraction, config.seed)[0]
+    pipeline = SCLDMPipeline(vae=vae, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                             conditioner=CellConditioner.from_dataset(train_cells, covariates))
+    return fit_latent_dit(accelerator, config, pipeline, dataset, info, covariates, card_metrics=card_metrics)
 
 
 def conditioned_covariates(config: DiTTrainingConfig, available: list[str]) -> list[str]:
@@ -100,37 +108,62 @@ def conditioned_covariates(config: DiTTrainingConfig, available: list[str]) -> l
 def fit_latent_dit(
     accelerator: Accelerator,
     config: DiTTrainingConfig,
-    vae: SCVAEModel,
-    transformer: LatentDiTTransformer,
+    pipeline: SCLDMPipeline,
     dataset: datasets.Dataset,
     info: CorpusInfo,
     covariates: list[str],
-    conditioner: CellConditioner | None = None,
-    scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+    *,
     frozen_label_rows: Mapping[str, list[int]] | None = None,
     base_model: str | None = None,
+    card_metrics: CardMetrics | None = None,
 ) -> SCLDMPipeline:
-    """Encode `dataset` with the frozen `vae`, train `transformer` on it, save, evaluate and publish the pipeline.
+    """Train ``pipeline.transformer`` on `dataset` encoded by the frozen ``pipeline.vae``; save, card and publish.
 
     Args:
-        dataset / info: cells whose covariate ids are the transformer's label ids.
-        conditioner: the pipeline's conditioner (fine-tuning); default: fitted on the training cells.
-        scheduler: the pipeline's sampling scheduler (fine-tuning); default: flow-matching Euler, ``shift=1``.
-        frozen_label_rows: ``{covariate: row ids}`` of label embeddings kept bit-identical (gradients masked,
-            no weight decay).
+        pipeline: the VAE, the transformer to train (label ids = the covariate ids of `dataset`), the conditioner
+            and the sampling scheduler saved with it.
+        frozen_label_rows: ``{covariate: row ids}`` of label embeddings kept bit-identical (fine-tuning).
         base_model: the pipeline fine-tuned from, for the model card.
+        card_metrics: scores the card's generation metrics (see `train_dit`).
     """
-    vae.requires_grad_(False).to(accelerator.device)
+    pipeline.vae.requires_grad_(False)
+    pipeline.to(accelerator.device)
+    train, validation = encode_latents(accelerator, config, pipeline.vae, dataset, info, covariates)
+    if pipeline.vae.config.latents_mean is None:  # a fine-tuned pipeline keeps its own statistics
+        standardize_latents(pipeline.vae, train)
+    train_transformer(accelerator, config, pipeline.transformer, train, info, covariates,
+                      pipeline.vae.normalize_latents, frozen_label_rows)
+    if accelerator.is_main_process:
+        pipeline.save_pretrained(config.output_dir)
+        metrics = pipeline_card_metrics(pipeline, dataset, info, validation, covariates, config, card_metrics)
+        accelerator.log({f"final/{name}": value for name, value in metrics.items()}, step=config.max_train_steps)
+        descriptions = card_metrics.descriptions(list(metrics)) if card_metrics else {}
+        publish_pipeline(config, pipeline, info, len(train), len(validation or []), metrics, descriptions, base_model)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return pipeline
+
+
+def encode_latents(accelerator: Accelerator, config: DiTTrainingConfig, vae: SCVAEModel, dataset: datasets.Dataset,
+                   info: CorpusInfo, covariates: list[str]) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The latent cache of `dataset` (``<output_dir>/latent_cache``), split into (train, validation) like the corpus."""
     cache = encode_latent_cache(vae, dataset, info, config.output_dir, config.encode_batch_size, accelerator)
     cache = cache.with_format("numpy", columns=["latents", *covariates])
-    train, validation = split_train_validation(cache, config.validation_fraction, config.seed)
-    if vae.config.latents_mean is None:
-        # standardise per latent coordinate with training-cell statistics (a fine-tuned pipeline keeps its own)
-        statistics_cells = train.select(range(min(len(train), MAX_STATISTICS_CELLS)))
-        vae.set_latent_statistics(torch.from_numpy(statistics_cells[:]["latents"]))
-    if conditioner is None:
-        conditioner = CellConditioner.from_dataset(train.with_format(None), covariates)
+    return split_train_validation(cache, config.validation_fraction, config.seed)
 
+
+def standardize_latents(vae: SCVAEModel, train: datasets.Dataset) -> None:
+    """Write per-coordinate latent means and stds of (at most `MAX_STATISTICS_CELLS`) training cells into the VAE."""
+    statistics_cells = train.select(range(min(len(train), MAX_STATISTICS_CELLS)))
+    vae.set_latent_statistics(torch.from_numpy(statistics_cells[:]["latents"]))
+
+
+def train_transformer(accelerator: Accelerator, config: DiTTrainingConfig, transformer: LatentDiTTransformer,
+                      train: datasets.Dataset, info: CorpusInfo, covariates: list[str],
+                      normalize: Callable[[torch.Tensor], torch.Tensor],
+                      frozen_label_rows: Mapping[str, list[int]] | None) -> None:
+    """Flow-matching training of `transformer` in place on latent rows `train` of the corpus `info` (recorded in
+    checkpoints); ends with the EMA weights copied in."""
     frozen_weights = [freeze_rows(transformer.covariate_embedders[name].weight, rows)
                       for name, rows in (frozen_label_rows or {}).items()]
     ema = None
@@ -138,7 +171,7 @@ def fit_latent_dit(
         ema = EMAModel(transformer.parameters(), decay=config.ema_decay, model_cls=LatentDiTTransformer,
                        model_config=transformer.config)
     objective = FlowMatchingObjective(transformer, config.condition_dropout, config.condition_dropout_mode)
-    dataloader = build_dataloader(train, config, LatentCollator(covariates, normalize=vae.normalize_latents))
+    dataloader = build_dataloader(train, config, LatentCollator(covariates, normalize=normalize))
     optimizer = build_optimizer(objective, config, frozen_from_decay=frozen_weights)
     lr_scheduler = build_lr_scheduler(optimizer, config, accelerator.num_processes)
     objective, optimizer, dataloader, lr_scheduler = accelerator.prepare(objective, optimizer, dataloader, lr_scheduler)
@@ -148,31 +181,22 @@ def fit_latent_dit(
     train_loop(accelerator, config, objective, optimizer, lr_scheduler, dataloader,
                lambda model, batch: {"loss": model(batch["latents"], batch["covariates"])}, corpus=info,
                model_config=dict(transformer.config), ema=ema)
-
-    transformer = accelerator.unwrap_model(objective).transformer
     if ema is not None:
-        ema.copy_to(transformer.parameters())
-    pipeline = SCLDMPipeline(vae=vae, transformer=transformer, conditioner=conditioner.to(accelerator.device),
-                             scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=1.0))
-    if accelerator.is_main_process:
-        pipeline.save_pretrained(config.output_dir)
-        metrics = {}
-        if validation is not None:
-            # the corpus splits like its latent cache (same number of rows and seed): the same held-out cells
-            corpus_validation = split_train_validation(dataset, config.validation_fraction, config.seed)[1]
-            metrics = evaluate_pipeline(pipeline, validation, corpus_validation, info, covariates, config)
-        accelerator.log({f"final/{name}": value for name, value in metrics.items()}, step=config.max_train_steps)
-        labels = conditioner.config.covariate_labels
-        provenance = DataProvenance.from_corpus(info, len(train), len(validation or []), covariates=labels)
-        example_conditions = {name: names[:1] for name, names in labels.items()}
-        publish_model_folder(config, render_model_card(
-            PIPELINE_TEMPLATE, config, provenance, metrics, library_name="diffusers", base_model=base_model,
-            metric_descriptions=METRIC_DESCRIPTIONS,
-            example_conditions=json.dumps(example_conditions, ensure_ascii=False) if labels else None,
-        ))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return pipeline
+        ema.copy_to(accelerator.unwrap_model(objective).transformer.parameters())
+
+
+def publish_pipeline(config: DiTTrainingConfig, pipeline: SCLDMPipeline, info: CorpusInfo, num_train_cells: int,
+                     num_validation_cells: int, metrics: dict[str, float], metric_descriptions: dict[str, str],
+                     base_model: str | None) -> None:
+    """Write the pipeline's model card into ``config.output_dir`` and push the folder when asked."""
+    labels = pipeline.conditioner.config.covariate_labels
+    provenance = DataProvenance.from_corpus(info, num_train_cells, num_validation_cells, covariates=labels)
+    example_conditions = {name: names[:1] for name, names in labels.items()}
+    publish_model_folder(config, render_model_card(
+        PIPELINE_TEMPLATE, config, provenance, metrics, library_name="diffusers", base_model=base_model,
+        metric_descriptions=metric_descriptions,
+        example_conditions=json.dumps(example_conditions, ensure_ascii=False) if labels else None,
+    ))
 
 
 def freeze_rows(weight: nn.Parameter, rows: list[int]) -> nn.Parameter:
@@ -183,14 +207,32 @@ def freeze_rows(weight: nn.Parameter, rows: list[int]) -> nn.Parameter:
     return weight
 
 
-def evaluate_pipeline(pipeline: SCLDMPipeline, validation: datasets.Dataset, corpus_validation: datasets.Dataset,
-                      info: CorpusInfo, covariates: list[str], config: DiTTrainingConfig) -> dict[str, float]:
-    """Held-out flow-matching loss, plus generation metrics when ``num_eval_cells`` > 0 (for the model card)."""
+def pipeline_card_metrics(pipeline: SCLDMPipeline, dataset: datasets.Dataset, info: CorpusInfo,
+                          validation: datasets.Dataset | None, covariates: list[str], config: DiTTrainingConfig,
+                          card_metrics: CardMetrics | None) -> dict[str, float]:
+    """The card's metrics: held-out flow-matching loss, plus `card_metrics.generation` when ``num_eval_cells`` > 0
+    (reference = training cells, held out = validation cells; the corpus splits like its latent cache)."""
+    if validation is None:
+        return {}
     metrics = {"validation_flow_matching_loss": validation_flow_matching_loss(
         pipeline.transformer, validation, covariates, config.batch_size, config.seed, pipeline.vae.normalize_latents)}
-    if config.num_eval_cells:
-        metrics |= generation_metrics(pipeline, corpus_validation, info, covariates, config)
-    return metrics
+    if not config.num_eval_cells:
+        return metrics
+    if card_metrics is None or not covariates:
+        logger.warning("num_eval_cells is set but generation metrics need a conditioned model and card_metrics "
+                       "(run the training scripts or `scldm train`): the card reports the loss only",
+                       main_process_only=True)
+        return metrics
+    train_cells, validation_cells = split_train_validation(dataset, config.validation_fraction, config.seed)
+    held_out = validation_cells.shuffle(seed=config.seed).select(range(min(config.num_eval_cells, len(validation_cells))))
+    reference = train_cells.select(range(min(len(train_cells), MAX_REFERENCE_CELLS)))
+    try:
+        return metrics | card_metrics.generation(
+            pipeline, corpus_to_anndata(reference, info, covariates), corpus_to_anndata(held_out, info, covariates),
+            covariates, num_inference_steps=config.eval_inference_steps, seed=config.seed)
+    except ConditionError as error:
+        logger.warning(f"generation metrics skipped: {error}", main_process_only=True)
+        return metrics
 
 
 @torch.no_grad()
@@ -207,26 +249,3 @@ def validation_flow_matching_loss(transformer: LatentDiTTransformer, validation:
         loss = flow_matching_loss(transformer, latents, labels, condition_dropout=0.0, generator=generator)
         total += loss.item() * len(latents)
     return total / len(validation)
-
-
-def generation_metrics(pipeline: SCLDMPipeline, validation: datasets.Dataset, info: CorpusInfo,
-                       covariates: list[str], config: DiTTrainingConfig) -> dict[str, float]:
-    """`evaluate_generation` of ``num_eval_cells`` generated cells against the held-out cells (conditions of the
-    held-out cells, resampled): its "mean" row, with ``n_real`` / ``n_generated`` the cells of the conditions that had
-    enough of both. Skipped (empty) for an unconditional model."""
-    if not covariates:
-        logger.info("unconditional model: skipping the per-condition generation metrics", main_process_only=True)
-        return {}
-    real = corpus_to_anndata(validation, info, covariates)
-    conditions = real.obs[covariates].sample(n=config.num_eval_cells, replace=True, random_state=config.seed)
-    generated = pipeline(
-        conditions=conditions.reset_index(drop=True).astype(str),
-        num_inference_steps=config.eval_inference_steps,
-        generator=torch.Generator().manual_seed(config.seed),
-    ).cells
-    try:
-        table = evaluate_generation(real, generated, condition_key=covariates, seed=config.seed)
-    except ConditionError as error:
-        logger.warning(f"generation metrics skipped: {error}", main_process_only=True)
-        return {}
-    return {name: float(value) for name, value in table.loc["mean"].items() if np.isfinite(value)}

@@ -18,6 +18,7 @@ from scldm_hf.loading import load_pipeline, resolve_model_path
 from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.pipelines import SCLDMPipeline
 
+from .card_metrics import CardMetrics
 from .config import FinetuneConfig, TrainingConfig, VAETrainingConfig
 from .data import align_covariate_labels, prepare_corpus, split_train_validation
 from .dit import conditioned_covariates, fit_latent_dit
@@ -28,15 +29,19 @@ logger = get_logger(__name__)
 VAE_FINETUNE_DIR = "vae_finetune"
 
 
-def finetune(config: FinetuneConfig) -> SCLDMPipeline:
-    """Fine-tune ``config.pipeline_name_or_path`` on ``config.data``; returns the saved pipeline."""
+def finetune(config: FinetuneConfig, card_metrics: CardMetrics | None = None) -> SCLDMPipeline:
+    """Fine-tune ``config.pipeline_name_or_path`` on ``config.data``; returns the saved pipeline.
+
+    `card_metrics` scores the cards' metrics (see `train_vae` and `train_dit`).
+    """
     pretrained_dir = resolve_model_path(config.pipeline_name_or_path, config.local_files_only)
-    vae = train_vae(vae_finetune_config(config, pretrained_dir)) if not config.freeze_vae else None
+    vae = train_vae(vae_finetune_config(config, pretrained_dir), card_metrics) if not config.freeze_vae else None
     accelerator = build_accelerator(config)
     set_seed(config.seed)
     pipeline = load_pipeline(pretrained_dir)
-    vae = vae or pipeline.vae
-    dataset, info = prepare_corpus(config, accelerator, vocab=vae.gene_vocab)
+    if vae is not None:
+        pipeline.register_modules(vae=vae)
+    dataset, info = prepare_corpus(config, accelerator, vocab=pipeline.vae.gene_vocab)
     covariates = conditioned_covariates(config, list(info.covariates))
 
     old_num_labels = dict(pipeline.transformer.config.covariate_num_labels)
@@ -50,11 +55,8 @@ def finetune(config: FinetuneConfig) -> SCLDMPipeline:
     if config.freeze_existing_labels:
         # old labels keep ids 0..n-1; the null row moved to the end of the grown table
         frozen_rows = {name: [*range(num), len(labels[name])] for name, num in old_num_labels.items()}
-    return fit_latent_dit(
-        accelerator, config, vae, pipeline.transformer, dataset, info, covariates,
-        conditioner=pipeline.conditioner, scheduler=pipeline.scheduler, frozen_label_rows=frozen_rows,
-        base_model=config.pipeline_name_or_path,
-    )
+    return fit_latent_dit(accelerator, config, pipeline, dataset, info, covariates, frozen_label_rows=frozen_rows,
+                          base_model=config.pipeline_name_or_path, card_metrics=card_metrics)
 
 
 def add_new_labels(pipeline: SCLDMPipeline, data_labels: dict[str, list[str]]) -> None:

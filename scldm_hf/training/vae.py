@@ -10,6 +10,7 @@ from scldm_hf.errors import ConfigurationError
 from scldm_hf.loading import load_vae
 from scldm_hf.models import SCVAEConfig, SCVAEModel
 
+from .card_metrics import CardMetrics
 from .config import VAETrainingConfig
 from .data import build_dataloader, prepare_corpus, split_train_validation
 from .hub import publish_model_folder
@@ -19,8 +20,11 @@ from .model_card import VAE_TEMPLATE, DataProvenance, render_model_card
 MAX_EVALUATION_CELLS = 2000
 
 
-def train_vae(config: VAETrainingConfig) -> SCVAEModel:
-    """Train (or, with ``init_from``, fine-tune) the VAE, save it in ``config.output_dir`` and return it."""
+def train_vae(config: VAETrainingConfig, card_metrics: CardMetrics | None = None) -> SCVAEModel:
+    """Train (or, with ``init_from``, fine-tune) the VAE, save it in ``config.output_dir`` and return it.
+
+    `card_metrics` adds reconstruction metrics of the held-out cells to the card (default: validation loss only).
+    """
     accelerator = build_accelerator(config)
     set_seed(config.seed)
     if config.init_from is not None and config.model:
@@ -45,7 +49,7 @@ def train_vae(config: VAETrainingConfig) -> SCVAEModel:
     vae = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         vae.save_pretrained(config.output_dir)
-        metrics = evaluate_vae(vae, validation, info, config.batch_size) if validation is not None else {}
+        metrics = evaluate_vae(vae, validation, info, config.batch_size, card_metrics) if validation is not None else {}
         accelerator.log({f"final/{name}": value for name, value in metrics.items()}, step=config.max_train_steps)
         provenance = DataProvenance.from_corpus(info, len(train), len(validation or []))
         publish_model_folder(config, render_model_card(
@@ -68,11 +72,9 @@ def vae_losses(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_vae(vae: SCVAEModel, validation, info: CorpusInfo, batch_size: int) -> dict[str, float]:
-    """Validation loss and reconstruction metrics (`scldm_hf.evaluation.reconstruction_metrics`) of held-out cells."""
-    # imported here: scldm_hf.evaluation pulls in scanpy and matplotlib, which training itself never needs
-    from scldm_hf.evaluation import reconstruction_metrics
-
+def evaluate_vae(vae: SCVAEModel, validation, info: CorpusInfo, batch_size: int,
+                 card_metrics: CardMetrics | None = None) -> dict[str, float]:
+    """Validation loss of held-out cells, plus `card_metrics.reconstruction` of them when given."""
     vae.eval()
     cells = validation.select(range(min(len(validation), MAX_EVALUATION_CELLS)))
     loader = DataLoader(cells, batch_size=batch_size, collate_fn=CellCollator.from_corpus_info(info, covariates=[]))
@@ -86,7 +88,7 @@ def evaluate_vae(vae: SCVAEModel, validation, info: CorpusInfo, batch_size: int)
         if output.inverse_dispersion is not None:
             inverse_dispersions.append(output.inverse_dispersion.expand_as(output.mean))
     metrics = {"validation_loss": float(np.sum(losses) / len(cells))}
-    if inverse_dispersions:
-        metrics |= reconstruction_metrics(torch.cat(counts).cpu(), torch.cat(means).cpu(), torch.cat(inverse_dispersions).cpu())
+    if inverse_dispersions and card_metrics is not None:
+        metrics |= card_metrics.reconstruction(torch.cat(counts).cpu(), torch.cat(means).cpu(), torch.cat(inverse_dispersions).cpu())
     return metrics
 

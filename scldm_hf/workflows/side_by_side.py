@@ -1,11 +1,11 @@
 """Train scLDM and its peers on one split of real cells and evaluate all of them against the same held-out cells.
 
-The models compared, each generating as many cells per condition as the held-out set has:
-- ``real (held-out sample)``: real cells from a third split, used by no model — the floor any generator can reach
-  (training cells would not do: the PCA of `evaluate_generation` is fitted on them, which makes them look closer
-  to each other than to any unseen cells);
+The models compared, each generating as many cells per condition as the held-out set has, each scored by
+`evaluate_generation` with the training cells as reference and, beside every score, the floor: real cells from a
+third split used by no model (training cells would not do: the PCA is fitted on them, which makes them look closer
+to each other than to any unseen cells):
 - ``scLDM``: both stages trained with a recipe YAML (``training/configs/*.yaml``), sampled with `SCLDMPipeline`;
-- ``scVI``: scvi-tools' SCVI, latents from the aggregate posterior of each condition (`ScviGenerator`);
+- ``scVI``: scvi-tools' SCVI at its defaults (epoch heuristic, early stopping on held-out loss), latents from the aggregate posterior of each condition (`ScviGenerator`);
 - ``naive NB``: independent per-gene negative binomials per condition (`NaiveNBBaseline`).
 
 Used by ``make demo`` (`scldm_hf.demo`) and ``benchmarks/bench_generation.py``.
@@ -22,8 +22,7 @@ import yaml
 from anndata import AnnData
 from sklearn.model_selection import train_test_split
 
-from scldm_hf.evaluation.baselines import NaiveNBBaseline, ScviGenerator
-from scldm_hf.evaluation.evaluate import evaluate_generation, summarize
+from scldm_hf.evaluation import NaiveNBBaseline, ProtocolCardMetrics, ScviGenerator, evaluate_generation, summarize
 from scldm_hf.loading import load_pipeline
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
 from scldm_hf.training.config import config_to_dict
@@ -34,7 +33,8 @@ from scldm_hf.training.vae import train_vae
 
 @dataclass
 class SideBySideResult:
-    """`summary`: one row per model (metrics averaged over conditions, plus ``wall_time_s``);
+    """`summary`: one row per model (metrics averaged over conditions, their ``*_real_floor``, ``wall_time_s`` and
+    ``cpu_time_s`` of training plus sampling);
     `per_condition`: each model's full table; `generated`: each model's cells; `pipeline_dir`: the trained scLDM."""
 
     summary: pd.DataFrame
@@ -93,12 +93,12 @@ def train_scldm(
     vae_config = load_config(VAETrainingConfig, recipe, {**shared, "output_dir": str(vae_dir), "data": str(train_path)},
                              section="vae")
     if not (reuse_vae and was_trained_with(vae_dir, vae_config)):
-        train_vae(vae_config)
+        train_vae(vae_config, ProtocolCardMetrics())
     dit_overrides = {
         **shared, **(dit_overrides or {}),
         "output_dir": str(pipeline_dir), "data": str(vae_dir / "corpus"), "vae_name_or_path": str(vae_dir),
     }
-    train_dit(load_config(DiTTrainingConfig, recipe, dit_overrides, section="dit"))
+    train_dit(load_config(DiTTrainingConfig, recipe, dit_overrides, section="dit"), ProtocolCardMetrics())
     return pipeline_dir
 
 
@@ -112,18 +112,16 @@ def run_side_by_side(
     *,
     guidance_scale: float = 1.0,
     num_inference_steps: int = 25,
-    scvi_epochs: int = 200,
+    scvi_epochs: int | None = None,
     seed: int = 0,
     recipe_overrides: dict | None = None,
 ) -> SideBySideResult:
-    """Fit every model on `train`, generate `test`'s label composition, evaluate each (and `floor`) against `test`."""
+    """Fit every model on `train`, generate `test`'s label composition, evaluate each against `test` with the
+    `floor` cells as the real floor beside every score."""
     output_dir = Path(output_dir)
     labels = test.obs[label_key].astype(str).to_numpy()
-    generated, wall_time = {}, {}
-
-    generated["real (held-out sample)"] = floor
-
-    start = time.perf_counter()
+    generated, wall_time, cpu_time = {}, {}, {}
+    start, cpu_start = time.perf_counter(), time.process_time()
     pipeline_dir = train_scldm(train, label_key, recipe, output_dir / "scldm", recipe_overrides)
     pipe = load_pipeline(pipeline_dir)
     generated["scLDM"] = pipe(
@@ -132,19 +130,20 @@ def run_side_by_side(
         num_inference_steps=num_inference_steps,
         generator=torch.Generator().manual_seed(seed),
     ).cells
-    wall_time["scLDM"] = time.perf_counter() - start
+    wall_time["scLDM"], cpu_time["scLDM"] = time.perf_counter() - start, time.process_time() - cpu_start
 
     for name, baseline in (
         ("scVI", ScviGenerator(label_key, max_epochs=scvi_epochs, seed=seed)),
         ("naive NB", NaiveNBBaseline(label_key)),
     ):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         generated[name] = baseline.fit(train).sample(labels, seed=seed)
-        wall_time[name] = time.perf_counter() - start
+        wall_time[name], cpu_time[name] = time.perf_counter() - start, time.process_time() - cpu_start
 
     per_condition = {
-        name: evaluate_generation(test, cells, label_key, real_train=train, seed=seed) for name, cells in generated.items()
+        name: evaluate_generation(test, cells, label_key, reference=train, real_floor=floor, seed=seed)
+        for name, cells in generated.items()
     }
     summary = summarize(per_condition)
-    summary["wall_time_s"] = pd.Series(wall_time)
+    summary["wall_time_s"], summary["cpu_time_s"] = pd.Series(wall_time), pd.Series(cpu_time)
     return SideBySideResult(summary, per_condition, generated, pipeline_dir, wall_time)

@@ -1,0 +1,23 @@
+"""`CardMetrics`: what training asks of an evaluator for its model cards, without importing the evaluation layer.
+
+`scldm_hf.evaluation.ProtocolCardMetrics` implements it; `scldm_hf.workflows` passes it to the training functions.
+Both methods return the card's metrics dict: ``{metric: value}`` plus ``{metric}_real_floor`` where a floor exists.
+"""
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from anndata import AnnData
+
+
+class CardMetrics(Protocol):
+    def reconstruction(self, counts: torch.Tensor, mean: torch.Tensor, inverse_dispersion: torch.Tensor) -> dict[str, float]:
+        """Metrics of held-out counts `[N, G]` against the VAE's NB mean `[N, G]` and inverse dispersion `[N, G]`."""
+
+    def generation(self, pipeline, reference: AnnData, held_out: AnnData, condition_key: Sequence[str], *,
+                   num_inference_steps: int, seed: int) -> dict[str, float]:
+        """Metrics of cells generated for `held_out`'s labels against `held_out`, PCA fitted on `reference`."""
+
+    def descriptions(self, names: Sequence[str]) -> dict[str, str]:
+        """What each metric of `names` measures (and its ideal value), for the card's legend."""
