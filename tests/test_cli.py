@@ -17,10 +17,11 @@ import pandas as pd
 import pytest
 import torch
 
-from scldm_hf.cli import main
+from scldm_hf.cli import build_parser, main
 from scldm_hf.data import GeneVocab, load_corpus
 from scldm_hf.errors import ConfigurationError
 from scldm_hf.loading import load_pipeline, load_vae
+from scldm_hf.training import STAGES, RecipeParser
 from scldm_hf.training.hub import PUSH_IGNORE_PATTERNS
 
 from test_reliability import MALFORMED, MALFORMED_IDS, PICKLE_SUFFIXES
@@ -261,3 +262,30 @@ def test_console_script_prints_one_line_and_exits_2():
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: argument command: invalid choice: 'frobnicate'")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train", "vae", "--help"], ["--model.hidden_size", "Width of gene tokens", "(default: 64)",
+                                       "--learning_rate", "Peak AdamW learning rate. (default: 0.001)"]),
+        (["train", "dit", "-h"], ["--model.num_layers", "Number of DiT blocks. (default: 6)", "--condition_dropout"]),
+        (["train", "finetune", "--config", TINY, "--help"], ["--pipeline_name_or_path", "(default: 0.0005)"]),
+        (["generate", "--help"], ["--guidance-scale", "classifier-free guidance", "(default: 1.0)", "(default: 25)"]),
+        (["evaluate", "-h"], ["--condition-key", "obs column the cells are grouped by", "(default: metrics.csv)"]),
+    ],
+)
+def test_help_lists_every_option_with_its_default(capsys, argv, expected):
+    """--help exits 0 and shows what each option means and its default (after --config: the recipe's values)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in argv])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    assert all(" ".join(text.split()) in help_text for text in expected), help_text
+
+
+def test_every_option_has_a_help_text():
+    subcommands = next(action for action in build_parser()._actions if action.dest == "command").choices
+    parsers = [*subcommands.values(), *(RecipeParser(config_class, stage) for stage, (config_class, _) in STAGES.items())]
+    undocumented = [(parser.prog, action.dest) for parser in parsers for action in parser._actions if not action.help]
+    assert not undocumented
