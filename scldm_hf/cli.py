@@ -149,7 +149,7 @@ def _evaluate(args) -> str:
 def _train(args) -> str:
     from scldm_hf.workflows import run_stage
 
-    return run_stage(args.stage, args.script_args)
+    return run_stage(args.stage, args.script_args, prog=f"scldm train {args.stage}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,55 +157,65 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    convert = commands.add_parser("convert", help="h5ad/AnnData -> datasets corpus folder")
+    def add_command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    convert = add_command("convert", "h5ad/AnnData -> datasets corpus folder")
     convert.add_argument("input", help="an .h5ad file of raw integer counts")
-    convert.add_argument("output_dir")
+    convert.add_argument("output_dir", help="the corpus folder to write (must not exist)")
     convert.add_argument("--covariate", action="append", default=[], help="obs column to keep (repeatable)")
-    convert.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
+    convert.add_argument("--layer", default=None, help="layer holding raw counts (None: X)")
     convert.add_argument("--vocab", default=None,
                          help="genes of a model: gene_vocab.json, or a saved VAE/pipeline folder")
     convert.add_argument("--min-vocab-overlap", type=float, default=None,
-                         help="minimum fraction of vocabulary genes the data must measure (default 0.01)")
+                         help="minimum fraction of vocabulary genes the data must measure (None: 0.01)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     convert.set_defaults(run=_convert)
 
-    train = commands.add_parser("train", help="train a stage (arguments go to training/train_<stage>.py)")
-    train.add_argument("stage", choices=["vae", "dit", "finetune"])
-    train.add_argument("script_args", nargs=argparse.REMAINDER)
+    train = commands.add_parser("train", help="train a stage; `scldm train <stage> --help` lists its "
+                                "options (the same as training/train_<stage>.py)")
+    train.add_argument("stage", choices=["vae", "dit", "finetune"],
+                       help="vae (stage 1), dit (stage 2, saved as a pipeline) or finetune (a pipeline on new data)")
+    train.add_argument("script_args", nargs=argparse.REMAINDER,
+                       help="--config RECIPE.yaml and --name value options of the stage")
     train.set_defaults(run=_train)
 
-    generate = commands.add_parser("generate", help="generate cells with a saved SCLDMPipeline")
+    generate = add_command("generate", "generate cells with a saved SCLDMPipeline into an .h5ad file")
     generate.add_argument("model", help="pipeline folder or Hub repo id (from the local cache)")
-    generate.add_argument("--revision", default=None, help="Hub branch, tag or commit of a repo id (default: main)")
-    generate.add_argument("--condition", action="append", default=[], help="KEY=LABEL (repeatable)")
+    generate.add_argument("--revision", default=None, help="Hub branch, tag or commit of a repo id (None: main)")
+    generate.add_argument("--condition", action="append", default=[],
+                          help="KEY=LABEL, the label of every generated cell for covariate KEY (repeatable)")
     generate.add_argument("--conditions-file", help="CSV, one column per covariate and one row per cell (e.g. real "
                           "cells' obs): generates one cell per row, replacing --condition and --num-cells")
-    generate.add_argument("--num-cells", type=int, default=100)
-    generate.add_argument("--guidance-scale", type=float, default=1.0)
-    generate.add_argument("--steps", type=int, default=25)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--num-cells", type=int, default=100, help="number of cells to generate")
+    generate.add_argument("--guidance-scale", type=float, default=1.0,
+                          help="classifier-free guidance scale (1: conditional model only, >1: stronger conditioning)")
+    generate.add_argument("--steps", type=int, default=25, help="flow-matching sampling steps")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator (noise and library sizes)")
     generate.add_argument("--batch-size", type=int, default=256, help="cells generated and written at once")
     generate.add_argument("--out", default="generated.h5ad",
-                          help="an .h5ad file, or a folder for a datasets corpus (Arrow shards, flat memory); both "
-                               "are written batch by batch")
+                          help="an .h5ad file (counts in X, conditions in obs), or a folder for a datasets corpus "
+                               "(Arrow shards, flat memory); both are written batch by batch")
     generate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     generate.set_defaults(run=_generate)
 
-    evaluate = commands.add_parser(
-        "evaluate", help="compare generated with real cells (PCA fitted on --reference, real floor beside each score)")
+    evaluate = add_command(
+        "evaluate", "compare generated with real cells per label (PCA fitted on --reference, real floor beside each "
+        "score)")
     evaluate.add_argument("real", help="real held-out cells (.h5ad of counts)")
     evaluate.add_argument("generated", help="generated cells (.h5ad of counts over the same genes)")
     evaluate.add_argument("--condition-key", required=True, help="obs column of the labels compared one by one")
     evaluate.add_argument("--reference", help="cells the normalisation and PCA are fitted on: the training cells "
                           "(neither real nor generated); required unless --allow-biased-reference")
-    evaluate.add_argument("--real-floor", help="a second real sample for the real-vs-real floor (default: the real "
+    evaluate.add_argument("--real-floor", help="a second real sample for the real-vs-real floor (None: the real "
                           "cells split in half per label)")
     evaluate.add_argument("--min-cells", type=int, default=10, help="labels with fewer comparable cells are pooled "
-                          "into one 'other (k labels)' group (default: 10)")
+                          "into one 'other (k labels)' group")
     evaluate.add_argument("--allow-biased-reference", action="store_true",
                           help="fit the PCA on the real cells when no --reference is given (scores flagged BIASED)")
     evaluate.add_argument("--seed", type=int, default=0, help="seeds the subsampling, floor split and classifiers")
-    evaluate.add_argument("--out", default="metrics.csv", help="CSV of the table (default: metrics.csv)")
+    evaluate.add_argument("--out", default="metrics.csv", help="CSV of the metrics table")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     evaluate.set_defaults(run=_evaluate)
     return parser

@@ -18,10 +18,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scldm_hf.cli import main
+from scldm_hf.cli import build_parser, main
 from scldm_hf.data import GeneVocab, load_corpus
 from scldm_hf.errors import ConfigurationError
 from scldm_hf.loading import load_pipeline, load_vae
+from scldm_hf.training import STAGES, RecipeParser
 from scldm_hf.training.hub import PUSH_IGNORE_PATTERNS
 
 from test_reliability import MALFORMED, MALFORMED_IDS, PICKLE_SUFFIXES
@@ -371,3 +372,30 @@ def test_convert_overwrite_flag(workdir, tmp_path, capsys):
     run_ok(["convert", workdir / "real.h5ad", out], capsys)
     assert "--overwrite" in run_error(["convert", workdir / "real.h5ad", out], capsys)
     run_ok(["convert", workdir / "real.h5ad", out, "--overwrite"], capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train", "vae", "--help"], ["--model.hidden_size", "Width of gene tokens", "(default: 64)",
+                                       "--learning_rate", "Peak AdamW learning rate. (default: 0.001)"]),
+        (["train", "dit", "-h"], ["--model.num_layers", "Number of DiT blocks. (default: 6)", "--condition_dropout"]),
+        (["train", "finetune", "--config", TINY, "--help"], ["--pipeline_name_or_path", "(default: 0.0005)"]),
+        (["generate", "--help"], ["--guidance-scale", "classifier-free guidance", "(default: 1.0)", "(default: 25)"]),
+        (["evaluate", "-h"], ["--condition-key", "obs column of the labels compared one by one", "(default: metrics.csv)"]),
+    ],
+)
+def test_help_lists_every_option_with_its_default(capsys, argv, expected):
+    """--help exits 0 and shows what each option means and its default (after --config: the recipe's values)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in argv])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    assert all(" ".join(text.split()) in help_text for text in expected), help_text
+
+
+def test_every_option_has_a_help_text():
+    subcommands = next(action for action in build_parser()._actions if action.dest == "command").choices
+    parsers = [*subcommands.values(), *(RecipeParser(config_class, stage) for stage, (config_class, _) in STAGES.items())]
+    undocumented = [(parser.prog, action.dest) for parser in parsers for action in parser._actions if not action.help]
+    assert not undocumented

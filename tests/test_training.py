@@ -5,6 +5,8 @@ Exactness: on CPU with one thread every kernel here is deterministic, and every 
 epoch — and the position in the epoch), so resumed runs are compared with uninterrupted ones bit for bit (atol=0).
 """
 
+import dataclasses
+import inspect
 import json
 import os
 import signal
@@ -17,11 +19,22 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from accelerate.tracking import get_available_trackers
 from safetensors.torch import load_file
+from transformers import PreTrainedConfig
 
 from scldm_hf.data import anndata_to_corpus
 from scldm_hf.errors import CheckpointError, ConfigurationError
-from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config, parse_overrides
+from scldm_hf.models import SCVAEConfig
+from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
+from scldm_hf.training import (
+    DiTModelOptions,
+    DiTTrainingConfig,
+    RecipeParser,
+    VAEModelOptions,
+    VAETrainingConfig,
+    load_config,
+)
 from scldm_hf.training.checkpointing import WRITE_DELAY_ENV, list_checkpoints
 from scldm_hf.training.dit import train_dit
 from scldm_hf.training.loop import build_accelerator
@@ -55,35 +68,70 @@ def trained_vae(corpus, tmp_path_factory):
     return output_dir
 
 
-def test_overrides_are_parsed_typed_and_nested():
-    config_path, overrides = parse_overrides(
-        ["--config", "a.yaml", "--learning-rate", "2e-4", "model.hidden_size=32", "--push_to_hub", "--covariates",
-         "[cell_type, condition]", "--hub_model_id=me/model"]
+def test_command_line_overrides_the_recipe_with_typed_nested_options():
+    config = RecipeParser(VAETrainingConfig, "vae").parse(
+        ["--config", str(TINY), "--learning-rate", "2e-4", "--model.hidden_size", "32", "--push_to_hub",
+         "--covariates", "cell_type", "condition", "--hub_model_id=me/model", "--output_dir", "out"]
     )
-    assert config_path == "a.yaml"
-    assert overrides == {"learning_rate": "2e-4", "model.hidden_size": 32, "push_to_hub": True,
-                         "covariates": ["cell_type", "condition"], "hub_model_id": "me/model"}
-    config = load_config(VAETrainingConfig, TINY, overrides | {"output_dir": "out"}, section="vae")
     assert config.learning_rate == 2e-4 and isinstance(config.learning_rate, float)
-    assert config.model["hidden_size"] == 32 and config.model["latent_dim"] == 8  # YAML section kept, one key overridden
-    assert config.batch_size == 10 and config.push_to_hub
+    assert config.model.hidden_size == 32 and config.model.latent_dim == 8  # YAML section kept, one key overridden
+    assert config.covariates == ["cell_type", "condition"]
+    assert config.batch_size == 10 and config.push_to_hub and config.hub_model_id == "me/model"
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"batch_sise": 8}, "unknown option"),
+        ({"batch_sise": 8}, "unknown option 'batch_sise' .*did you mean 'batch_size'"),
+        ({"model": {"hiden_size": 64}}, "unknown option 'model.hiden_size' .*did you mean 'model.hidden_size'"),
         ({"batch_size": 0}, "batch_size=0 must be > 0"),
-        ({"batch_size": "many"}, "not a valid int"),
+        ({"batch_size": "many"}, "--batch_size/--batch-size: invalid int value: 'many' \\(see `scldm train vae --help`\\)"),
         ({"lr_warmup_steps": 100}, "lr_warmup_steps=100"),
         ({"push_to_hub": True}, "hub_model_id"),
-        ({"mixed_precision": "fp32"}, "mixed_precision"),
+        ({"mixed_precision": "fp32"}, "mixed_precision='fp32' is not one of"),
+        ({"report_to": "slack"}, r"report_to \['slack'\] are not trackers"),
         ({"num_threads": 0}, "num_threads=0 must be > 0"),
+        ({"init_from": "vae_dir"}, r"init_from='vae_dir' fixes the architecture; remove the model options \["),
     ],
 )
 def test_invalid_config_values_are_rejected(overrides, message):
     with pytest.raises(ConfigurationError, match=message):
         tiny_config(VAETrainingConfig, "vae", **overrides)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model.hiden_size", "64"], r"unknown option --model.hiden_size; did you mean --model.hidden_size\?"),
+        (["--model.dispersion", "genes"], r"--model.dispersion: invalid choice: 'genes'"),
+        (["model.hidden_size=32"], r"unexpected argument\(s\) \['model.hidden_size=32'\]: options are written --name"),
+    ],
+)
+def test_bad_command_line_options_are_rejected(argv, message):
+    with pytest.raises(ConfigurationError, match=message):
+        RecipeParser(VAETrainingConfig, "vae").parse(["--config", str(TINY), *argv])
+
+
+def test_typo_in_recipe_model_section_names_the_closest_option(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data: pbmc68k\noutput_dir: out\nvae:\n  model:\n    hiden_size: 64\n")
+    with pytest.raises(ConfigurationError, match=r"unknown option 'model.hiden_size' .*recipe.yaml, section 'vae'.*"
+                                                 r"did you mean 'model.hidden_size'"):
+        load_config(VAETrainingConfig, recipe, section="vae")
+    with pytest.raises(ConfigurationError, match=r"unknown option 'hiden_size' for VAEModelOptions; did you mean"):
+        VAETrainingConfig(output_dir="out", data="pbmc68k", model={"hiden_size": 64})
+
+
+def test_model_options_follow_the_model_signatures():
+    """Every option of SCVAEConfig / LatentDiTTransformer not set from the data is a training option, with its help."""
+    vae_options = {spec.name for spec in dataclasses.fields(VAEModelOptions)}
+    vae_fields = {spec.name for spec in dataclasses.fields(SCVAEConfig)} - set(PreTrainedConfig.__dataclass_fields__)
+    assert vae_options == vae_fields - {"gene_names", "latents_mean", "latents_std"}
+    dit_parameters = set(inspect.signature(LatentDiTTransformer).parameters)
+    assert {spec.name for spec in dataclasses.fields(DiTModelOptions)} == dit_parameters - {
+        "num_latent_tokens", "latent_dim", "covariate_num_labels"}
+    assert all(spec.metadata["help"] for spec in dataclasses.fields(VAEModelOptions))
+    assert VAEModelOptions().hidden_size == SCVAEConfig().hidden_size
 
 
 def test_num_threads_option_sets_torch_threads(tmp_path):
@@ -96,8 +144,23 @@ def test_num_threads_option_sets_torch_threads(tmp_path):
         torch.set_num_threads(threads)
 
 
+def test_report_to_passes_accelerate_trackers_through(tmp_path):
+    """Our csv tracker and accelerate's tensorboard log the same run; a tracker whose package is missing is an error
+    (accelerate would drop it silently)."""
+    config = tiny_config(VAETrainingConfig, "vae", output_dir=str(tmp_path), report_to=["csv", "tensorboard"])
+    accelerator = build_accelerator(config)
+    accelerator.init_trackers("run")
+    accelerator.log({"loss": 0.5}, step=1)
+    accelerator.end_training()
+    assert (tmp_path / "logs" / "metrics.csv").read_text().splitlines() == ["step,metric,value", "1,loss,0.5"]
+    assert list((tmp_path / "logs" / "run").glob("events.out.tfevents.*"))
+    if "wandb" not in {str(tracker) for tracker in get_available_trackers()}:
+        with pytest.raises(ConfigurationError, match=r"report_to \['wandb'\]: the tracker package is not installed"):
+            build_accelerator(tiny_config(VAETrainingConfig, "vae", output_dir=str(tmp_path), report_to="wandb"))
+
+
 def test_missing_required_option_is_named():
-    with pytest.raises(ConfigurationError, match=r"needs \['data', 'output_dir'\]"):
+    with pytest.raises(ConfigurationError, match=r"required: --output_dir/--output-dir, --data"):
         load_config(VAETrainingConfig, overrides={})
 
 

@@ -1,9 +1,10 @@
 """Train scLDM stage 1 (the VAE); the output folder is a save_pretrained SCVAEModel.
 
-    accelerate launch training/train_vae.py --config training/configs/pbmc_demo.yaml [--key value | key=value ...]
+    accelerate launch training/train_vae.py --config training/configs/pbmc_demo.yaml [--name value] [--model.NAME value]
     python training/train_vae.py --config training/configs/pbmc_demo.yaml --max_train_steps 100
 
-Options: the fields of scldm_hf.training.VAETrainingConfig (top-level keys + the `vae:` section of the recipe).
+Options (`--help` lists them with their defaults): the fields of scldm_hf.training.VAETrainingConfig, from the recipe's
+top-level keys, then its `vae:` section, then the command line.
 """
 
 import sys

@@ -46,10 +46,12 @@ class SCVAEConfig(PreTrainedConfig):
         layer_norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
         attention_bias (`bool`, defaults to False): Bias in attention and MLP projections.
         initializer_range (`float`, defaults to 0.02): Std of the normal initialisation of linear and embedding weights.
-        latents_mean, latents_std (`list[list[float]]`, *optional*):
-            Per-token, per-dimension `[T][D]` statistics of the training cells' latents, set when the latent DiT is
-            first trained on this VAE (as diffusers' Wan VAE stores them). The DiT models standardised latents
-            `(z - mean) / std`, so that every coordinate varies on the scale of its Gaussian noise.
+        latents_mean (`list[list[float]]`, *optional*):
+            Per-token, per-dimension `[T][D]` means of the training cells' latents, set when the latent DiT is first
+            trained on this VAE (as diffusers' Wan VAE stores them).
+        latents_std (`list[list[float]]`, *optional*):
+            Their `[T][D]` standard deviations. The DiT models standardised latents `(z - mean) / std`, so that every
+            coordinate varies on the scale of its Gaussian noise.
     """
 
     model_type = "scldm_vae"

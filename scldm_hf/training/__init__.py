@@ -9,7 +9,16 @@ import importlib
 
 from scldm_hf.lazy_exports import lazy_getattr
 
-from .config import DiTTrainingConfig, FinetuneConfig, TrainingConfig, VAETrainingConfig, load_config, parse_overrides
+from .config import (
+    DiTModelOptions,
+    DiTTrainingConfig,
+    FinetuneConfig,
+    RecipeParser,
+    TrainingConfig,
+    VAEModelOptions,
+    VAETrainingConfig,
+    load_config,
+)
 
 # stage -> (config class, "module:function" that trains it)
 STAGES = {
@@ -31,14 +40,13 @@ _EXPORTS = {
 }
 
 
-def run_training_script(stage: str, argv: list[str], **train_kwargs) -> str:
-    """Run `stage` (``vae``, ``dit`` or ``finetune``) with ``--config recipe.yaml`` and ``--key value`` overrides.
+def run_training_script(stage: str, argv: list[str], prog: str | None = None, **train_kwargs) -> str:
+    """Run `stage` (``vae``, ``dit`` or ``finetune``) with ``--config recipe.yaml`` and ``--name value`` overrides.
 
     `train_kwargs` go to the stage's training function (e.g. ``card_metrics``; `scldm_hf.workflows` passes it).
     """
     config_class, target = STAGES[stage]
-    config_path, overrides = parse_overrides(argv)
-    config = load_config(config_class, config_path, overrides, section=stage)
+    config = RecipeParser(config_class, stage, prog=prog).parse(argv)
     module, function = target.split(":")
     getattr(importlib.import_module(module), function)(config, **train_kwargs)
     return f"{stage}: model saved to {config.output_dir}"
@@ -48,6 +56,6 @@ __getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = sorted([
-    "DiTTrainingConfig", "FinetuneConfig", "TrainingConfig", "VAETrainingConfig", "load_config", "parse_overrides",
-    "run_training_script", *_EXPORTS,
+    "DiTModelOptions", "DiTTrainingConfig", "FinetuneConfig", "RecipeParser", "TrainingConfig", "VAEModelOptions",
+    "VAETrainingConfig", "load_config", "run_training_script", *_EXPORTS,
 ])

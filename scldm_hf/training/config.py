@@ -1,90 +1,129 @@
-"""Training configurations: dataclasses filled from a YAML recipe plus command-line overrides.
+"""Training configurations: dataclasses parsed by `transformers.HfArgumentParser` from a YAML recipe and the command line.
 
 A recipe (``training/configs/*.yaml``) holds keys shared by every stage at the top level and one section per stage
 (``vae``, ``dit``, ``finetune``); a stage reads the top-level keys, then its section, then the command line::
 
-    python training/train_vae.py --config training/configs/pbmc_demo.yaml --max_train_steps 200 model.hidden_size=32
+    python training/train_vae.py --config training/configs/pbmc_demo.yaml --max_train_steps 200 --model.hidden_size 32
+
+Model options are typed dataclasses derived from the model's own signature (`SCVAEConfig`'s fields,
+`LatentDiTTransformer.__init__`), so a new model option is a training option at once, with its docstring as help.
 """
 
+import argparse
 import dataclasses
-import types
+import difflib
+import inspect
 import typing
+from collections.abc import Iterable, Mapping
+from copy import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from diffusers.optimization import SchedulerType
+from transformers import HfArgumentParser, PreTrainedConfig
+from transformers.utils.auto_docstring import parse_docstring
 
 from scldm_hf.errors import ConfigurationError
+from scldm_hf.flow_matching import DropoutMode
+from scldm_hf.models.configuration_scvae import SCVAEConfig
+from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
+
+from .trackers import check_tracker_names
 
 STAGE_SECTIONS = ("vae", "dit", "finetune")
-MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
-REPORT_TO_CHOICES = ("csv", "tensorboard", "none")
+LRSchedulerName = Literal[tuple(member.value for member in SchedulerType)]
+
+
+def _model_options(name: str, model: type, parameters: Iterable[tuple[str, type, object]]) -> type:
+    """A dataclass of `model`'s constructor `parameters` ``(name, type, default)``, typed, with the model's defaults.
+
+    Each option's help is its entry in the ``Args:`` section of `model`'s docstring.
+    """
+    docs = parse_docstring(model.__doc__)[0]
+    options = dataclasses.make_dataclass(name, [
+        (option, annotation, field(default=default, metadata={"help": " ".join(docs[option]["description"].split())}))
+        for option, annotation, default in parameters
+    ])
+    options.__module__ = __name__
+    return options
+
+
+# the gene vocabulary comes from the corpus, the latent statistics from stage 2
+VAEModelOptions = _model_options("VAEModelOptions", SCVAEConfig, [
+    (spec.name, spec.type, spec.default) for spec in dataclasses.fields(SCVAEConfig)
+    if spec.name not in PreTrainedConfig.__dataclass_fields__
+    and spec.name not in ("gene_names", "latents_mean", "latents_std")
+])
+# the latent shape comes from the VAE, the label counts from the corpus
+DiTModelOptions = _model_options("DiTModelOptions", LatentDiTTransformer, [
+    (parameter.name, parameter.annotation, parameter.default)
+    for parameter in list(inspect.signature(LatentDiTTransformer).parameters.values())
+    if parameter.name not in ("num_latent_tokens", "latent_dim", "covariate_num_labels")
+])
 
 
 @dataclass
 class TrainingConfig:
-    """Options shared by every stage (data, optimisation, checkpoints, logging, Hub).
+    """Options shared by every stage: data, optimisation, checkpoints, logging, Hub."""
 
-    Args:
-        output_dir: Where the trained model, checkpoints (``checkpoints/``) and logs (``logs/``) go.
-        data: A corpus folder (``anndata_to_corpus``) or an ``.h5ad`` file of raw counts, converted into
-            ``<output_dir>/corpus`` first.
-        covariates: ``obs`` columns kept when ``data`` is an ``.h5ad`` file.
-        layer: Layer of the ``.h5ad`` holding raw counts (default ``X``).
-        validation_fraction: Share of cells held out for the validation metrics in the model card.
-        max_train_steps: Optimizer steps (each of ``batch_size x gradient_accumulation_steps x processes`` cells).
-        batch_size: Cells per process per micro-batch.
-        max_genes: Cap on expressed-gene tokens per cell in the collator (``None`` keeps all).
-        lr_scheduler: A ``diffusers.optimization.SchedulerType`` name; warms up over ``lr_warmup_steps``.
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``; ``None`` takes the ``accelerate launch`` setting.
-        cpu: Train on CPU even if an accelerator is present (required for multi-process CPU runs).
-        num_threads: CPU threads torch uses per process (``None`` keeps torch's default, one per core). Small models
-            on a busy machine often train faster on 1 thread than on contended cores.
-        checkpointing_steps: Write a resumable checkpoint every this many optimizer steps.
-        checkpoints_total_limit: Keep only the newest this many checkpoints.
-        resume_from_checkpoint: ``"latest"`` or a checkpoint folder; ``"latest"`` starts fresh when none exists.
-            Refused when the data, model config or training options differ from the checkpoint's.
-        resume_with_changes: Resume even so: the new options apply from the checkpoint's step on, and the changes
-            are recorded in the following checkpoints (``training_state.json``).
-        report_to: ``"csv"`` (``logs/metrics.csv``), ``"tensorboard"`` or ``"none"``.
-        push_to_hub: Upload the final model folder to ``hub_model_id`` with ``huggingface_hub``.
-    """
-
-    output_dir: str
-    data: str
-    covariates: list[str] = field(default_factory=list)
-    layer: str | None = None
-    validation_fraction: float = 0.1
-    seed: int = 0
-    max_train_steps: int = 1000
-    batch_size: int = 64
-    max_genes: int | None = None
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    lr_scheduler: str = "cosine"
-    lr_warmup_steps: int = 100
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    mixed_precision: str | None = None
-    cpu: bool = False
-    num_threads: int | None = None
-    dataloader_num_workers: int = 0
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int = 2
-    resume_from_checkpoint: str | None = None
-    resume_with_changes: bool = False
-    logging_steps: int = 10
-    report_to: str = "csv"
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private: bool = False
-    hub_token: str | None = None
+    output_dir: str = field(metadata={"help": "Where the trained model, checkpoints (checkpoints/) and logs (logs/) go."})
+    data: str = field(metadata={"help": "A corpus folder (anndata_to_corpus), an .h5ad file of raw counts (converted "
+                                        "into <output_dir>/corpus first) or a built-in data set (pbmc68k)."})
+    covariates: list[str] = field(default_factory=list, metadata={
+        "help": "obs columns kept when data is an .h5ad file (space-separated on the command line)."})
+    layer: str | None = field(default=None, metadata={"help": "Layer of the .h5ad holding raw counts (None: X)."})
+    validation_fraction: float = field(default=0.1, metadata={
+        "help": "Share of cells held out for the validation metrics of the model card."})
+    seed: int = field(default=0, metadata={"help": "Seed of weights, data order, noise and the validation split."})
+    max_train_steps: int = field(default=1000, metadata={
+        "help": "Optimizer steps (each of batch_size x gradient_accumulation_steps x processes cells)."})
+    batch_size: int = field(default=64, metadata={"help": "Cells per process per micro-batch."})
+    max_genes: int | None = field(default=None, metadata={
+        "help": "Cap on expressed-gene tokens per cell in the collator (None keeps all)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    lr_scheduler: LRSchedulerName = field(default="cosine", metadata={
+        "help": "Learning-rate schedule (diffusers.optimization.SchedulerType), after lr_warmup_steps of warm-up."})
+    lr_warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps of the learning rate."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(default=None, metadata={
+        "help": "Autocast precision; None takes the `accelerate launch` setting."})
+    cpu: bool = field(default=False, metadata={
+        "help": "Train on CPU even if an accelerator is present (required for multi-process CPU runs)."})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads torch uses per process (None: torch's default, one per core). Small models on a busy "
+                "machine often train faster on 1 thread than on contended cores."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    checkpointing_steps: int = field(default=500, metadata={
+        "help": "Write a resumable checkpoint every this many optimizer steps."})
+    checkpoints_total_limit: int = field(default=2, metadata={"help": "Keep only the newest this many checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "'latest' or a checkpoint folder; 'latest' starts fresh when none exists. Refused when the data, "
+                "model config or training options differ from the checkpoint's."})
+    resume_with_changes: bool = field(default=False, metadata={
+        "help": "Resume even so: the new options apply from the checkpoint's step on, and the changes are recorded "
+                "in the following checkpoints (training_state.json)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the running losses every this many steps."})
+    report_to: list[str] = field(default_factory=lambda: ["csv"], metadata={
+        "help": "Trackers: csv (logs/metrics.csv, ours), none, or any of accelerate's (tensorboard, wandb, mlflow, "
+                "comet_ml, aim, clearml, dvclive, swanlab, trackio, all); several are space-separated."})
+    push_to_hub: bool = field(default=False, metadata={
+        "help": "Upload the final model folder to hub_model_id with huggingface_hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (user/name) of push_to_hub."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    hub_token: str | None = field(default=None, metadata={
+        "help": "Hub token (default: the logged-in one); never saved with the config."})
 
     def __post_init__(self):
-        _coerce_field_types(self)
+        if isinstance(self.report_to, str):  # a single tracker, as a recipe usually writes it
+            self.report_to = [self.report_to]
+        check_tracker_names(self.report_to)
+        _check_choices(self)
         positive = ("max_train_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                     "checkpoints_total_limit", "logging_steps", "learning_rate")
         for name in positive:
@@ -100,10 +139,6 @@ class TrainingConfig:
             raise ConfigurationError(
                 f"lr_warmup_steps={self.lr_warmup_steps} must be between 0 and max_train_steps={self.max_train_steps}."
             )
-        _check_choice("lr_scheduler", self.lr_scheduler, [member.value for member in SchedulerType])
-        _check_choice("report_to", self.report_to, REPORT_TO_CHOICES)
-        if self.mixed_precision is not None:
-            _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_CHOICES)
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigurationError("push_to_hub is set but hub_model_id is empty; pass --hub_model_id user/name.")
 
@@ -114,49 +149,52 @@ class TrainingConfig:
 
 @dataclass
 class VAETrainingConfig(TrainingConfig):
-    """Stage 1 (`SCVAEModel`).
+    """Stage 1 (`SCVAEModel`)."""
 
-    Args:
-        model: `SCVAEConfig` keyword arguments (the gene vocabulary comes from the corpus).
-        init_from: A saved `SCVAEModel` folder to continue from (fine-tuning); ``None`` trains from scratch.
-    """
+    model: VAEModelOptions = field(default_factory=VAEModelOptions, metadata={
+        "help": "SCVAEConfig options (the gene vocabulary comes from the corpus)."})
+    init_from: str | None = field(default=None, metadata={
+        "help": "A saved SCVAEModel folder to continue from (fine-tuning); None trains from scratch."})
 
-    model: dict = field(default_factory=dict)
-    init_from: str | None = None
+    def __post_init__(self):
+        super().__post_init__()
+        self.model = model_options(VAEModelOptions, self.model)
+        if self.init_from is not None and self.model != VAEModelOptions():
+            raise ConfigurationError(
+                f"init_from={self.init_from!r} fixes the architecture; remove the model options "
+                f"{sorted(_changed_options(self.model))}."
+            )
 
 
 @dataclass
 class DiTTrainingConfig(TrainingConfig):
-    """Stage 2 (`LatentDiTTransformer` on latents of a frozen VAE), saved as a whole `SCLDMPipeline`.
+    """Stage 2 (`LatentDiTTransformer` on latents of a frozen VAE), saved as a whole `SCLDMPipeline`."""
 
-    Args:
-        vae_name_or_path: The stage-1 output folder (or Hub id of an `SCVAEModel`).
-        model: `LatentDiTTransformer` keyword arguments (latent shape and label counts come from the VAE and corpus).
-        condition_on: Corpus covariates the DiT is conditioned on (default: all of them).
-        condition_dropout: Probability of replacing a cell's labels by the null label (classifier-free guidance).
-        condition_dropout_mode: ``"joint"`` drops all of a cell's labels together; ``"independent"`` drops each
-            covariate on its own, which lets the model compose covariates (unseen cell type x perturbation pairs).
-        use_ema / ema_decay: Keep an exponential moving average of the DiT weights; the EMA weights are saved.
-        encode_batch_size: Batch size of the one-off encoding of the corpus into cached latents.
-        num_eval_cells: Cells generated at the end and compared with held-out cells for the model card (0 = skip).
-    """
-
-    vae_name_or_path: str | None = None
-    model: dict = field(default_factory=dict)
-    condition_on: list[str] | None = None
-    condition_dropout: float = 0.1
-    condition_dropout_mode: str = "joint"
-    use_ema: bool = True
-    ema_decay: float = 0.999
-    encode_batch_size: int = 256
-    num_eval_cells: int = 0
-    eval_inference_steps: int = 20
+    vae_name_or_path: str | None = field(default=None, metadata={
+        "help": "The stage-1 output folder (or Hub id of an SCVAEModel)."})
+    model: DiTModelOptions = field(default_factory=DiTModelOptions, metadata={
+        "help": "LatentDiTTransformer options (latent shape and label counts come from the VAE and corpus)."})
+    condition_on: list[str] | None = field(default=None, metadata={
+        "help": "Corpus covariates the DiT is conditioned on (None: all of them)."})
+    condition_dropout: float = field(default=0.1, metadata={
+        "help": "Probability of replacing a cell's labels by the null label (classifier-free guidance)."})
+    condition_dropout_mode: DropoutMode = field(default="joint", metadata={
+        "help": "joint drops all of a cell's labels together; independent drops each covariate on its own, which "
+                "lets the model compose covariates (unseen cell type x perturbation pairs)."})
+    use_ema: bool = field(default=True, metadata={
+        "help": "Keep an exponential moving average of the DiT weights; the EMA weights are saved."})
+    ema_decay: float = field(default=0.999, metadata={"help": "Decay of the EMA."})
+    encode_batch_size: int = field(default=256, metadata={
+        "help": "Batch size of the one-off encoding of the corpus into cached latents."})
+    num_eval_cells: int = field(default=0, metadata={
+        "help": "Cells generated at the end and compared with held-out cells for the model card (0 = skip)."})
+    eval_inference_steps: int = field(default=20, metadata={"help": "Sampling steps of that evaluation."})
 
     def __post_init__(self):
         super().__post_init__()
+        self.model = model_options(DiTModelOptions, self.model)
         if not 0 <= self.condition_dropout <= 1:
             raise ConfigurationError(f"condition_dropout={self.condition_dropout} must be in [0, 1].")
-        _check_choice("condition_dropout_mode", self.condition_dropout_mode, ("joint", "independent"))
         if not 0 < self.ema_decay < 1:
             raise ConfigurationError(f"ema_decay={self.ema_decay} must be in (0, 1).")
         if self.num_eval_cells < 0:
@@ -165,22 +203,18 @@ class DiTTrainingConfig(TrainingConfig):
 
 @dataclass
 class FinetuneConfig(DiTTrainingConfig):
-    """Fine-tune a trained `SCLDMPipeline` on new data whose covariates may carry new labels (or new covariates).
+    """Fine-tune a trained `SCLDMPipeline` on new data whose covariates may carry new labels (or new covariates)."""
 
-    Args:
-        pipeline_name_or_path: A saved pipeline folder or a Hub repo id (resolved from the local cache when offline).
-        freeze_existing_labels: Keep the pretrained label embeddings (and null rows) bit-identical.
-        freeze_vae: Reuse the pretrained VAE as is; otherwise fine-tune it on the new data first
-            (``vae_max_train_steps`` at ``vae_learning_rate``) and re-encode.
-        local_files_only: Never try the network when resolving a Hub id.
-    """
-
-    pipeline_name_or_path: str | None = None
-    freeze_existing_labels: bool = True
-    freeze_vae: bool = True
-    vae_max_train_steps: int = 200
-    vae_learning_rate: float = 1e-4
-    local_files_only: bool = False
+    pipeline_name_or_path: str | None = field(default=None, metadata={
+        "help": "A saved pipeline folder or a Hub repo id (resolved from the local cache when offline)."})
+    freeze_existing_labels: bool = field(default=True, metadata={
+        "help": "Keep the pretrained label embeddings (and null rows) bit-identical."})
+    freeze_vae: bool = field(default=True, metadata={
+        "help": "Reuse the pretrained VAE as is; otherwise fine-tune it on the new data first (vae_max_train_steps "
+                "at vae_learning_rate) and re-encode."})
+    vae_max_train_steps: int = field(default=200, metadata={"help": "VAE fine-tuning steps (freeze_vae false)."})
+    vae_learning_rate: float = field(default=1e-4, metadata={"help": "VAE fine-tuning learning rate."})
+    local_files_only: bool = field(default=False, metadata={"help": "Never try the network when resolving a Hub id."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -191,67 +225,93 @@ class FinetuneConfig(DiTTrainingConfig):
                 f"finetune uses the VAE of {self.pipeline_name_or_path!r}; remove vae_name_or_path="
                 f"{self.vae_name_or_path!r} (set freeze_vae: false to fine-tune that VAE on the new data)."
             )
+        if self.model != DiTModelOptions():
+            raise ConfigurationError(
+                f"finetune keeps the architecture of {self.pipeline_name_or_path!r}; remove the model options "
+                f"{sorted(_changed_options(self.model))}."
+            )
 
 
-def load_config(config_class: type[TrainingConfig], path: str | Path | None = None, overrides: dict | None = None,
+def model_options(options_class: type, values) -> object:
+    """`values` (an `options_class` or a mapping of its fields) as an `options_class`; unknown keys are refused."""
+    if isinstance(values, options_class):
+        return values
+    _check_known(values, [spec.name for spec in dataclasses.fields(options_class)], f"{options_class.__name__}")
+    return options_class(**values)
+
+
+class RecipeParser(HfArgumentParser):
+    """`HfArgumentParser` of one stage's config from a YAML recipe (``--config``) and ``--name value`` options.
+
+    The recipe's top-level keys apply first, then its `section`, then the command line. The nested model options
+    (the config's ``model`` field) are ``--model.NAME`` options, a ``model:`` mapping in the recipe. Unknown keys and
+    bad values raise `ConfigurationError`, naming the closest valid option.
+    """
+
+    def __init__(self, config_class: type[TrainingConfig], section: str | None, prog: str | None = None):
+        section_keys = f", then its `{section}:` section" if section else ""
+        super().__init__(config_class, prog=prog, allow_abbrev=False, description=(
+            f"{config_class.__doc__} Options come from the recipe (top-level keys{section_keys}), then the command "
+            "line; --help after --config shows the recipe's values as defaults."
+        ))
+        self.config_class, self.section = config_class, section
+        self.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe (training/configs/*.yaml).")
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+        if not dataclasses.is_dataclass(field.type):
+            return HfArgumentParser._parse_dataclass_field(parser, field)
+        group = parser.add_argument_group(f"{field.name} options", f"{field.metadata['help']} Recipe: a "
+                                          f"`{field.name}:` mapping; command line: --{field.name}.NAME value.")
+        hints = typing.get_type_hints(field.type)
+        for option in dataclasses.fields(field.type):
+            option = copy(option)
+            option.name, option.type = f"{field.name}.{option.name}", hints[option.name]
+            HfArgumentParser._parse_dataclass_field(group, option)
+
+    def error(self, message: str):
+        raise ConfigurationError(f"{message} (see `{self.prog} --help`)")
+
+    def parse(self, argv: Iterable[str] = (), recipe: str | Path | None = None,
+              overrides: Mapping | None = None) -> TrainingConfig:
+        """The config from `recipe` (or ``--config`` in `argv`), then `overrides` (``{"model.hidden_size": 32}``
+        or nested mappings), then `argv`."""
+        recipe_flag = argparse.ArgumentParser(add_help=False)
+        recipe_flag.add_argument("--config", default=recipe)
+        known, argv = recipe_flag.parse_known_args(list(argv))
+        values = _flatten(_read_recipe(known.config, self.section) if known.config else {})
+        values.update(_flatten(overrides or {}))
+        where = f" (recipe {known.config}, section {self.section!r})" if known.config else ""
+        settable = [action.dest for action in self._actions if action.dest not in ("help", "config")]
+        _check_known(values, settable, f"{self.config_class.__name__}{where}")
+        for action in self._actions:  # recipe values become the defaults (and are shown as such by --help)
+            if action.dest in values:
+                action.default, action.required = values[action.dest], False
+
+        namespace, unknown = self.parse_known_args(argv)
+        if unknown:
+            flag = next((token.partition("=")[0] for token in unknown if token.startswith("-")), None)
+            if flag is None:
+                self.error(f"unexpected argument(s) {unknown}: options are written --name value")
+            close = difflib.get_close_matches(flag, self._option_string_actions, n=1)
+            self.error(f"unknown option {flag}" + (f"; did you mean {close[0]}?" if close else ""))
+        parsed = vars(namespace)
+        parsed.pop("config")
+        nested = {}
+        for key in [key for key in parsed if "." in key]:
+            group, name = key.split(".", 1)
+            nested.setdefault(group, {})[name] = parsed.pop(key)
+        return self.config_class(**parsed, **nested)
+
+
+def load_config(config_class: type[TrainingConfig], path: str | Path | None = None, overrides: Mapping | None = None,
                 section: str | None = None) -> TrainingConfig:
-    """Build `config_class` from the top-level keys of the YAML at `path`, its `section`, then `overrides`.
+    """`config_class` from the recipe at `path` (its top-level keys, then `section`), then `overrides`.
 
-    Dotted override keys set nested values (``{"model.hidden_size": 32}``).
+    Override keys are option names; dotted keys set model options (``{"model.hidden_size": 32}``).
     """
-    values = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigurationError(f"config file {path} does not exist; pass --config training/configs/<name>.yaml.")
-        recipe = yaml.safe_load(path.read_text()) or {}
-        values = {key: value for key, value in recipe.items() if key not in STAGE_SECTIONS}
-        if section is not None:
-            values.update(recipe.get(section) or {})
-    for key, value in (overrides or {}).items():
-        _set_dotted(values, key, value)
-
-    names = {spec.name for spec in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigurationError(
-            f"unknown option(s) {unknown} for {config_class.__name__}"
-            f"{f' (section {section!r} of {path})' if path else ''}; valid options: {sorted(names)}."
-        )
-    missing = sorted(spec.name for spec in dataclasses.fields(config_class)
-                     if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
-                     and spec.name not in values)
-    if missing:
-        raise ConfigurationError(f"{config_class.__name__} needs {missing}; set them in the YAML or as --name value.")
-    return config_class(**values)
-
-
-def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
-    """``["--config", "a.yaml", "--lr", "1e-3", "model.hidden_size=32", "--push_to_hub"]`` -> (config path, overrides).
-
-    Values are parsed as YAML scalars/lists (``--covariates "[cell_type]"``); a flag without a value means ``true``.
-    """
-    config_path, overrides = None, {}
-    index = 0
-    while index < len(argv):
-        token = argv[index]
-        if token.startswith("--"):
-            key, sep, value = token[2:].partition("=")
-            if not sep:
-                has_value = index + 1 < len(argv) and not argv[index + 1].startswith("--")
-                value = argv[index + 1] if has_value else "true"
-                index += has_value
-        else:
-            key, sep, value = token.partition("=")
-            if not sep:
-                raise ConfigurationError(f"argument {token!r} is neither --key value nor key=value.")
-        key = key.replace("-", "_")
-        if key == "config":
-            config_path = value
-        else:
-            overrides[key] = yaml.safe_load(value)
-        index += 1
-    return config_path, overrides
+    prog = f"scldm train {section}" if section else None
+    return RecipeParser(config_class, section, prog=prog).parse(recipe=path, overrides=overrides)
 
 
 def config_to_dict(config: TrainingConfig) -> dict:
@@ -261,46 +321,53 @@ def config_to_dict(config: TrainingConfig) -> dict:
     return values
 
 
-def _set_dotted(values: dict, key: str, value) -> None:
-    *parents, leaf = key.split(".")
-    for parent in parents:
-        values = values.setdefault(parent, {})
-        if not isinstance(values, dict):
-            raise ConfigurationError(f"cannot set {key!r}: {parent!r} is not a mapping.")
-    values[leaf] = value
+def _read_recipe(path: str | Path, section: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigurationError(f"config file {path} does not exist; pass --config training/configs/<name>.yaml.")
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigurationError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(recipe, dict):
+        raise ConfigurationError(f"config file {path} must be a mapping of option: value.")
+    values = {key: value for key, value in recipe.items() if key not in STAGE_SECTIONS}
+    values.update(recipe.get(section) or {})
+    return values
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigurationError(f"{name}={value!r} is not one of {list(choices)}.")
+def _flatten(values: Mapping, prefix: str = "") -> dict:
+    """``{"model": {"hidden_size": 32}}`` -> ``{"model.hidden_size": 32}`` (the parser's option names)."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
-def _coerce_field_types(config) -> None:
-    """Cast YAML values to the annotated types (YAML reads ``1e-3`` as a string, a single covariate as a str)."""
+def _check_known(values: Iterable[str], valid: list[str], where: str) -> None:
+    """Refuse keys of `values` that are not in `valid`, naming the closest valid one (``hiden_size`` -> ``hidden_size``)."""
+    for key in values:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid options: {sorted(valid)}."
+            raise ConfigurationError(f"unknown option {key!r} for {where}; {hint}")
+
+
+def _check_choices(config) -> None:
+    """Literal-typed options hold one of their values (argparse checks the command line; this, recipes and Python)."""
     hints = typing.get_type_hints(type(config))
     for spec in dataclasses.fields(config):
-        value = getattr(config, spec.name)
-        if value is None:
-            continue
-        expected = hints[spec.name]
-        if isinstance(expected, types.UnionType):
-            expected = next(arg for arg in typing.get_args(expected) if arg is not type(None))
-        origin = typing.get_origin(expected) or expected
-        try:
-            if origin is list:
-                value = [value] if isinstance(value, str) else list(value)
-            elif origin is bool:
-                if not isinstance(value, bool):
-                    raise ValueError
-            elif origin in (int, float, str):
-                converted = origin(value)
-                if origin is int and converted != float(value):
-                    raise ValueError
-                value = converted
-            elif origin is dict and not isinstance(value, dict):
-                raise ValueError
-        except (TypeError, ValueError):
-            raise ConfigurationError(
-                f"{type(config).__name__}.{spec.name}={value!r} is not a valid {getattr(expected, '__name__', expected)}."
-            ) from None
-        setattr(config, spec.name, value)
+        hint, value = hints[spec.name], getattr(config, spec.name)
+        literal = next((arg for arg in (hint, *typing.get_args(hint)) if typing.get_origin(arg) is Literal), None)
+        if literal is not None and value is not None and value not in typing.get_args(literal):
+            raise ConfigurationError(f"{spec.name}={value!r} is not one of {list(typing.get_args(literal))}.")
+
+
+def _changed_options(options) -> dict:
+    """The options of a model-options dataclass that differ from their defaults."""
+    defaults = type(options)()
+    return {spec.name: getattr(options, spec.name) for spec in dataclasses.fields(options)
+            if getattr(options, spec.name) != getattr(defaults, spec.name)}

@@ -5,6 +5,7 @@ is fitted on the training cells; the DiT is trained with an EMA of its weights; 
 `SCLDMPipeline` (`save_pretrained`, EMA weights) with its model card.
 """
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 
@@ -85,7 +86,7 @@ def train_dit(config: DiTTrainingConfig, card_metrics: CardMetrics | None = None
         num_latent_tokens=vae.config.num_latent_tokens,
         latent_dim=vae.config.latent_dim,
         covariate_num_labels={name: len(info.covariates[name]) for name in covariates},
-        **config.model,
+        **dataclasses.asdict(config.model),
     )
     train_cells = split_train_validation(dataset, config.validation_fraction, config.seed)[0]
     pipeline = SCLDMPipeline(vae=vae, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),

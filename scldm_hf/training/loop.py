@@ -29,7 +29,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .config import TrainingConfig, config_to_dict
-from .trackers import CSVTracker
+from .trackers import build_trackers
 
 logger = get_logger(__name__)
 
@@ -42,12 +42,11 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         torch.set_num_threads(config.num_threads)
     output_dir = Path(config.output_dir)
     logging_dir = output_dir / "logs"
-    trackers = {"csv": [CSVTracker(logging_dir)], "tensorboard": "tensorboard", "none": None}[config.report_to]
     accelerator = Accelerator(
         cpu=config.cpu,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=trackers,
+        log_with=build_trackers(config.report_to, logging_dir),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )

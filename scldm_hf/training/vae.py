@@ -1,12 +1,13 @@
 """Stage 1: train the `SCVAEModel` on a corpus; the output folder is a `save_pretrained` VAE with its model card."""
 
+import dataclasses
+
 import numpy as np
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from scldm_hf.data import CellCollator, CorpusInfo
-from scldm_hf.errors import ConfigurationError
 from scldm_hf.loading import load_vae
 from scldm_hf.models import SCVAEConfig, SCVAEModel
 
@@ -27,14 +28,10 @@ def train_vae(config: VAETrainingConfig, card_metrics: CardMetrics | None = None
     """
     accelerator = build_accelerator(config)
     set_seed(config.seed)
-    if config.init_from is not None and config.model:
-        raise ConfigurationError(
-            f"init_from={config.init_from!r} fixes the architecture; remove the model options {sorted(config.model)}."
-        )
     model = load_vae(config.init_from) if config.init_from else None
     dataset, info = prepare_corpus(config, accelerator, vocab=model.gene_vocab if model else None)
     if model is None:
-        model = SCVAEModel(SCVAEConfig(gene_names=info.genes, **config.model))
+        model = SCVAEModel(SCVAEConfig(gene_names=info.genes, **dataclasses.asdict(config.model)))
     train, validation = split_train_validation(dataset, config.validation_fraction, config.seed)
 
     collator = CellCollator.from_corpus_info(info, covariates=[], max_genes=config.max_genes, seed=config.seed)

@@ -12,15 +12,16 @@ from scldm_hf.evaluation import ProtocolCardMetrics
 from scldm_hf.training import run_training_script
 
 
-def run_stage(stage: str, argv: list[str]) -> str:
-    """`run_training_script` of `stage` (``vae``, ``dit``, ``finetune``) with the protocol's card metrics."""
-    return run_training_script(stage, argv, card_metrics=ProtocolCardMetrics())
+def run_stage(stage: str, argv: list[str], prog: str | None = None) -> str:
+    """`run_training_script` of `stage` (``vae``, ``dit``, ``finetune``) with the protocol's card metrics; `prog`
+    names the command in ``--help``."""
+    return run_training_script(stage, argv, prog=prog, card_metrics=ProtocolCardMetrics())
 
 
 def main(stage: str, argv: list[str] | None = None) -> int:
     """Entry point of ``training/train_<stage>.py``: errors of the package are printed as one line, exit code 2."""
     try:
-        print(run_stage(stage, sys.argv[1:] if argv is None else argv))
+        print(run_stage(stage, sys.argv[1:] if argv is None else argv, prog=f"training/train_{stage}.py"))
     except SCLDMError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

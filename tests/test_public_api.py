@@ -1,0 +1,19 @@
+"""Every name a package lists in ``__all__`` imports (`from scldm_hf import X` works for each)."""
+
+import importlib
+import pkgutil
+
+import pytest
+
+import scldm_hf
+
+PACKAGES = ["scldm_hf", *(f"scldm_hf.{module.name}" for module in pkgutil.iter_modules(scldm_hf.__path__)
+                          if module.ispkg)]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_name_in_all_imports(package):
+    module = importlib.import_module(package)
+    assert module.__all__, f"{package} exports nothing"
+    missing = [name for name in module.__all__ if getattr(module, name, None) is None]
+    assert not missing, f"{package}.__all__ names {missing}, which do not import"
