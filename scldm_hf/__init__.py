@@ -29,6 +29,7 @@ _EXPORTS = {
     "SCLDMPipeline": "scldm_hf.pipelines",
     "SCLDMPipelineOutput": "scldm_hf.pipelines",
     "SCLDMCounterfactualPipeline": "scldm_hf.pipelines",
+    "FlowMatchODESolverScheduler": "scldm_hf.pipelines",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,7 +15,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from ..errors import ConditionError, InputDataError
 from ..validation import check_conditions
 
-_WILDCARD = -1  # group_label_ids entry of a covariate added after the library-size fit: matches any label
+ANY_LABEL = -1  # group_label_ids entry that matches any label (e.g. a covariate added after the library-size fit)
 _MAX_LISTED_LABELS = 30
 
 
@@ -107,12 +107,23 @@ class CellConditioner(ModelMixin, ConfigMixin):
         group_log_var = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_of_cell, log_size**2)
         group_log_var = (group_log_var / group_num_cells - group_log_mean**2).clamp_min(0)
 
+        self.set_library_size_groups(group_label_ids, group_num_cells, group_log_mean, group_log_var)
+
+    def set_library_size_groups(
+        self,
+        group_label_ids: torch.LongTensor,
+        group_num_cells: torch.Tensor,
+        group_log_mean: torch.Tensor,
+        group_log_var: torch.Tensor,
+    ) -> None:
+        """Replace the library-size model by `C` groups: label ids `[C, K]` (columns in `covariate_names` order,
+        `ANY_LABEL` matches any label), cell counts `[C]` and log library-size mean and variance `[C]`."""
         dtype, device = self.group_log_mean.dtype, self.group_log_mean.device
-        self.group_label_ids = group_label_ids.to(device)
-        self.group_num_cells = group_num_cells.to(device, dtype)
-        self.group_log_mean = group_log_mean.to(device, dtype)
-        self.group_log_var = group_log_var.to(device, dtype)
-        self.register_to_config(num_library_size_groups=num_groups)
+        self.group_label_ids = torch.as_tensor(group_label_ids, dtype=torch.long).to(device)
+        self.group_num_cells = torch.as_tensor(group_num_cells).to(device, dtype)
+        self.group_log_mean = torch.as_tensor(group_log_mean).to(device, dtype)
+        self.group_log_var = torch.as_tensor(group_log_var).to(device, dtype)
+        self.register_to_config(num_library_size_groups=len(self.group_num_cells))
 
     def encode(
         self, conditions: dict[str, list[str]] | pd.DataFrame, num_cells: int | None = None
@@ -146,7 +157,7 @@ class CellConditioner(ModelMixin, ConfigMixin):
                 continue
             ids = covariates[name].to(self.device)[:, None]
             group_ids = self.group_label_ids[:, column]
-            matches &= (ids == group_ids) | (ids == self.num_labels[name]) | (group_ids == _WILDCARD)
+            matches &= (ids == group_ids) | (ids == self.num_labels[name]) | (group_ids == ANY_LABEL)
         matches[~matches.any(dim=1)] = True
         weights = matches.to(self.group_num_cells.dtype) * self.group_num_cells
         total = weights.sum(dim=1)
@@ -173,7 +184,7 @@ class CellConditioner(ModelMixin, ConfigMixin):
         if name in self.config.covariate_labels:
             raise ConditionError(f"Covariate {name!r} already exists; use `add_labels` to add labels to it.")
         columns = dict(zip(self.covariate_names, self.group_label_ids.T))
-        columns[name] = torch.full_like(self.group_num_cells, _WILDCARD, dtype=torch.long)
+        columns[name] = torch.full_like(self.group_num_cells, ANY_LABEL, dtype=torch.long)
         labels = [str(label) for label in labels]
         self.register_to_config(covariate_labels={**self.config.covariate_labels, name: labels})
         self.group_label_ids = torch.stack([columns[column] for column in self.covariate_names], dim=1)

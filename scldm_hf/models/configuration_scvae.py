@@ -43,6 +43,21 @@ class SCVAEConfig(PreTrainedConfig):
             are binomially thinned to a fraction `p ~ U(thinning_min_fraction, 1)`, drawn per cell and step, as if the
             cell had been sequenced less deeply. The decoder then cannot score well by memorising training cells,
             which improves held-out reconstruction on small data sets. None (default) trains on the counts as given.
+        normalize_gene_embeddings (`bool`, defaults to True):
+            LayerNorm the gene embedding before it is combined with the count, so that with `"log1p"` the count alone
+            sets the token's scale. False feeds the raw embedding (the released scLDM).
+        normalize_encoder_context (`bool`, defaults to False):
+            LayerNorm the gene tokens inside the encoder's cross-attention. The released scLDM does (its `ln_1`); with
+            `"log1p"` tokens this removes the count's scale, leaving the latents almost independent of the counts.
+        normalize_decoder_output (`bool`, defaults to True):
+            LayerNorm the decoded gene states before the output head. False feeds them to the head directly (the
+            released scLDM).
+        mask_padding_tokens (`bool`, defaults to True):
+            Give padding gene tokens (id 0) zero attention weight in the encoder. False lets the encoder attend to
+            them, as the released scLDM does (its latents then depend on the amount of padding).
+        gene_cell_dispersion_activation (`"softplus"` or `"exp"`, defaults to `"softplus"`):
+            Map from the decoded value to theta with `dispersion="gene-cell"`: `softplus(x) + 1e-4`, or `exp(x)`
+            (the released scLDM's unshared theta).
         layer_norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
         attention_bias (`bool`, defaults to False): Bias in attention and MLP projections.
         initializer_range (`float`, defaults to 0.02): Std of the normal initialisation of linear and embedding weights.
@@ -73,6 +88,11 @@ class SCVAEConfig(PreTrainedConfig):
     dispersion: Literal["gene", "gene-cell"] = "gene"
     kl_weight: float = 0.0
     thinning_min_fraction: float | None = None
+    normalize_gene_embeddings: bool = True
+    normalize_encoder_context: bool = False
+    normalize_decoder_output: bool = True
+    mask_padding_tokens: bool = True
+    gene_cell_dispersion_activation: Literal["softplus", "exp"] = "softplus"
     layer_norm_eps: float = 1e-6
     attention_bias: bool = False
     initializer_range: float = 0.02
@@ -91,6 +111,7 @@ class SCVAEConfig(PreTrainedConfig):
             "count_transform": ("log1p", "normalized_log1p"),
             "likelihood": ("negative_binomial", "gaussian"),
             "dispersion": ("gene", "gene-cell"),
+            "gene_cell_dispersion_activation": ("softplus", "exp"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -139,7 +139,10 @@ class SCVAEEncoder(nn.Module):
         self.latent_queries = nn.Parameter(torch.empty(config.num_latent_tokens, hidden_size))
         # gene tokens are `embedding * log1p(count)`: a LayerNorm on them would remove the count
         self.cross_attention = CrossAttentionBlock(
-            hidden_size, config.encoder_cross_attention_heads, normalize_context=False, **block_args
+            hidden_size,
+            config.encoder_cross_attention_heads,
+            normalize_context=config.normalize_encoder_context,
+            **block_args,
         )
         self.layers = nn.ModuleList(
             SelfAttentionBlock(hidden_size, config.num_attention_heads, **block_args)
@@ -151,9 +154,10 @@ class SCVAEEncoder(nn.Module):
         self.latent_norm = nn.LayerNorm(config.latent_dim, eps=config.layer_norm_eps, elementwise_affine=False)
 
     def forward(
-        self, gene_tokens: torch.Tensor, attention_mask: torch.BoolTensor
+        self, gene_tokens: torch.Tensor, attention_mask: torch.BoolTensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`gene_tokens [B, L, H]`, `attention_mask [B, L]` -> (latents or posterior mean `[B, T, D]`, log-variance)."""
+        """`gene_tokens [B, L, H]`, `attention_mask [B, L]` (None attends to every token) -> (latents or posterior
+        mean `[B, T, D]`, log-variance)."""
         queries = self.latent_queries.expand(gene_tokens.shape[0], -1, -1)
         hidden_states = self.cross_attention(queries, gene_tokens, key_padding_mask=attention_mask)
         for layer in self.layers:
@@ -183,7 +187,9 @@ class SCVAEDecoder(nn.Module):
             for _ in range(config.decoder_layers)
         )
         self.gene_readout = CrossAttentionBlock(hidden_size, config.decoder_cross_attention_heads, **block_args)
-        self.output_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.output_norm = (
+            nn.LayerNorm(hidden_size, eps=config.layer_norm_eps) if config.normalize_decoder_output else nn.Identity()
+        )
         per_cell_dispersion = config.likelihood == "negative_binomial" and config.dispersion == "gene-cell"
         self.output_head = nn.Linear(hidden_size, 2 if per_cell_dispersion else 1)
 
@@ -217,7 +223,9 @@ class SCVAEModel(PreTrainedModel):
         hidden_size = config.hidden_size
         self.gene_embedding = nn.Embedding(config.vocab_size + 1, hidden_size, padding_idx=GeneVocab.pad_id)
         # unit-scale gene vectors, so that the count alone sets the scale of a `log1p` gene token
-        self.token_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.token_norm = (
+            nn.LayerNorm(hidden_size, eps=config.layer_norm_eps) if config.normalize_gene_embeddings else nn.Identity()
+        )
         self.value_projection = nn.Linear(hidden_size + 1, hidden_size) if config.value_encoding == "concat" else None
         self.encoder = SCVAEEncoder(config)
         self.decoder = SCVAEDecoder(config)
@@ -275,7 +283,8 @@ class SCVAEModel(PreTrainedModel):
         Args:
             gene_ids (`[B, L]`): vocab ids of expressed genes, 0 = padding.
             counts (`[B, L]`): raw counts at those genes (0 at padding).
-            attention_mask (`[B, L]`): True for real tokens; padding has no influence on the latents.
+            attention_mask (`[B, L]`): True for real tokens; padding has no influence on the latents (unless
+                `config.mask_padding_tokens=False`).
             library_size (`[B]`, *optional*): total counts per cell; defaults to the sum of `counts`.
             sample_posterior (`bool`, *optional*): draw from the Gaussian posterior instead of taking its mean;
                 defaults to `self.training`. Ignored by the deterministic encoder.
@@ -286,7 +295,8 @@ class SCVAEModel(PreTrainedModel):
         if library_size is None:
             library_size = (counts * attention_mask).sum(dim=-1)
         tokens = self.embed_gene_tokens(gene_ids, counts, library_size)
-        posterior_mean, posterior_logvar = self.encoder(tokens, attention_mask)
+        key_padding_mask = attention_mask if self.config.mask_padding_tokens else None
+        posterior_mean, posterior_logvar = self.encoder(tokens, key_padding_mask)
         if posterior_logvar is None:
             return SCVAEEncoderOutput(latents=posterior_mean)
         latents = posterior_mean
@@ -321,7 +331,9 @@ class SCVAEModel(PreTrainedModel):
             mean = torch.expm1(logits).clamp_min(0.0) * library_size[:, None] / self.config.target_sum
             return SCVAEDecoderOutput(mean=mean, inverse_dispersion=None, logits=logits)
         mean = torch.softmax(logits, dim=-1) * library_size[:, None]
-        if self.log_inverse_dispersion is None:
+        if self.log_inverse_dispersion is None and self.config.gene_cell_dispersion_activation == "exp":
+            inverse_dispersion = torch.exp(outputs[..., 1])
+        elif self.log_inverse_dispersion is None:
             inverse_dispersion = F.softplus(outputs[..., 1]) + 1e-4
         else:
             inverse_dispersion = torch.exp(self.log_inverse_dispersion[gene_ids])

@@ -7,6 +7,7 @@ guidance; a covariate missing from the input is treated as null.
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -38,12 +39,21 @@ class DiTBlock(nn.Module):
     `hidden_states [B, T, H]`, `conditioning [B, H]` -> `[B, T, H]`.
     """
 
-    def __init__(self, hidden_size: int, num_attention_heads: int, intermediate_size: int, bias: bool):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_attention_heads: int,
+        intermediate_size: int,
+        bias: bool,
+        mlp_bias: bool,
+        layer_norm_eps: float,
+    ):
         super().__init__()
         self.attention_norm = AdaLayerNormZero(hidden_size)
+        self.attention_norm.norm.eps = layer_norm_eps
         self.attention = Attention(hidden_size, num_attention_heads, bias=bias)
-        self.mlp_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = SwiGLU(hidden_size, intermediate_size, bias=bias)
+        self.mlp_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=layer_norm_eps)
+        self.mlp = SwiGLU(hidden_size, intermediate_size, bias=mlp_bias)
 
     def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
         normed, gate_attention, shift_mlp, scale_mlp, gate_mlp = self.attention_norm(hidden_states, emb=conditioning)
@@ -66,6 +76,14 @@ class LatentDiTTransformer(ModelMixin, ConfigMixin):
         covariate_num_labels (`dict[str, int]`, *optional*):
             Number of labels of each categorical covariate. Each embedding table has one extra row, the null label.
         attention_bias (`bool`, defaults to True): Bias in attention and MLP projections.
+        mlp_bias (`bool`, *optional*): Bias in the SwiGLU projections; defaults to `attention_bias`. The released
+            scLDM has biased attention but bias-free MLPs.
+        layer_norm_eps (`float`, defaults to 1e-6): Epsilon of every LayerNorm (the released scLDM uses 1e-8).
+        flow_time (`"sigma"` or `"data_fraction"`, defaults to `"sigma"`):
+            The time convention the network was trained in. Callers always pass `timestep = sigma * 1000` and get
+            the velocity `noise - latents`. `"sigma"` feeds that timestep to the network as is. `"data_fraction"`
+            feeds `t = 1 - sigma` (t = 0 noise, 1 data) and negates the network's output, which is the velocity
+            `latents - noise` (the released scLDM's convention).
     """
 
     @register_to_config
@@ -80,13 +98,19 @@ class LatentDiTTransformer(ModelMixin, ConfigMixin):
         timestep_embedding_dim: int = 256,
         covariate_num_labels: dict[str, int] | None = None,
         attention_bias: bool = True,
+        mlp_bias: bool | None = None,
+        layer_norm_eps: float = 1e-6,
+        flow_time: Literal["sigma", "data_fraction"] = "sigma",
     ):
         super().__init__()
         covariate_num_labels = dict(covariate_num_labels or {})
         for name in covariate_num_labels:
             _check_covariate_name(name)
         self.register_to_config(covariate_num_labels=covariate_num_labels)
+        if flow_time not in ("sigma", "data_fraction"):
+            raise ConfigurationError(f"flow_time={flow_time!r} is not one of ('sigma', 'data_fraction').")
         intermediate_size = intermediate_size or swiglu_intermediate_size(hidden_size)
+        mlp_bias = attention_bias if mlp_bias is None else mlp_bias
 
         self.proj_in = nn.Linear(latent_dim, hidden_size)
         positions = torch.arange(num_latent_tokens, dtype=torch.float64)
@@ -99,11 +123,11 @@ class LatentDiTTransformer(ModelMixin, ConfigMixin):
         )
         self.transformer_blocks = nn.ModuleList(
             [
-                DiTBlock(hidden_size, num_attention_heads, intermediate_size, attention_bias)
+                DiTBlock(hidden_size, num_attention_heads, intermediate_size, attention_bias, mlp_bias, layer_norm_eps)
                 for _ in range(num_layers)
             ]
         )
-        self.norm_out = AdaLayerNormContinuous(hidden_size, hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_out = AdaLayerNormContinuous(hidden_size, hidden_size, elementwise_affine=False, eps=layer_norm_eps)
         self.proj_out = nn.Linear(hidden_size, latent_dim)
         self._initialize_weights()
 
@@ -142,6 +166,8 @@ class LatentDiTTransformer(ModelMixin, ConfigMixin):
                 "Drop those keys or add the covariate with `add_covariate`."
             )
         timestep = torch.as_tensor(timestep, device=self.device).expand(batch_size)
+        if self.config.flow_time == "data_fraction":
+            timestep = 1 - timestep / 1000
         conditioning = self.timestep_embedder(self.time_proj(timestep).to(self.dtype))
         covariate_ids = {**self.null_covariates(batch_size), **(covariates or {})}
         for name, embedder in self.covariate_embedders.items():
@@ -169,6 +195,8 @@ class LatentDiTTransformer(ModelMixin, ConfigMixin):
         for block in self.transformer_blocks:
             hidden_states = block(hidden_states, conditioning)
         velocity = self.proj_out(self.norm_out(hidden_states, conditioning))
+        if self.config.flow_time == "data_fraction":
+            velocity = -velocity
         if not return_dict:
             return (velocity,)
         return LatentDiTOutput(sample=velocity)

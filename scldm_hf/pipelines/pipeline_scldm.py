@@ -30,6 +30,8 @@ from ..models.modeling_scvae import SCVAEModel
 from ..models.transformer_latent_dit import LatentDiTTransformer
 from ..validation import check_conditions, check_guidance_scale, check_num_cells
 
+from .scheduling_flow_match_ode import FlowMatchODESolverScheduler
+
 OutputType = Literal["anndata", "counts", "latent"]
 DECODE_GENE_TOKENS = 2**14  # cells x genes decoded at once (see `SCLDMPipeline.decode_counts`)
 
@@ -62,11 +64,13 @@ class SCLDMPipeline(DiffusionPipeline):
     Args:
         vae ([`SCVAEModel`]): Decodes latents `[B, T, D]` into negative binomial parameters over the vocabulary.
         transformer ([`LatentDiTTransformer`]): Predicts the velocity `noise - latents`.
-        scheduler ([`FlowMatchEulerDiscreteScheduler`] or [`FlowMatchHeunDiscreteScheduler`]):
+        scheduler ([`FlowMatchEulerDiscreteScheduler`], [`FlowMatchHeunDiscreteScheduler`] or
+            [`FlowMatchODESolverScheduler`]):
             Integrates the ODE from sigma = 1 (noise) to 0 (data). In the installed diffusers, `set_timesteps(n)` gives
             `n` sigmas evenly spaced from 1 to 1/1000 (`shift=1` leaves them unchanged; `shift > 1` moves steps towards
             noise), followed by a final 0; `step` does `x + (sigma_next - sigma) * velocity`. Heun adds a corrector
             evaluation per step except the last (`2n - 1` transformer calls for `n` steps).
+            `FlowMatchODESolverScheduler` integrates adaptively (dopri5, as the released scLDM samples).
         conditioner ([`CellConditioner`]): Label vocabularies and the library-size model.
     """
 
@@ -76,7 +80,7 @@ class SCLDMPipeline(DiffusionPipeline):
         self,
         vae: SCVAEModel,
         transformer: LatentDiTTransformer,
-        scheduler: FlowMatchEulerDiscreteScheduler | FlowMatchHeunDiscreteScheduler,
+        scheduler: FlowMatchEulerDiscreteScheduler | FlowMatchHeunDiscreteScheduler | FlowMatchODESolverScheduler,
         conditioner: CellConditioner,
     ):
         super().__init__()
@@ -196,6 +200,13 @@ class SCLDMPipeline(DiffusionPipeline):
         """Integrate noise `[B, T, D]` to standardised clean latents `[B, T, D]` with the scheduler (sigma 1 -> 0),
         advancing `progress_bar` once per step when given."""
         self.scheduler.set_timesteps(num_inference_steps, device=noise.device)
+        if isinstance(self.scheduler, FlowMatchODESolverScheduler):
+            latents = self.scheduler.integrate(
+                lambda latents, timestep: self.predict_velocity(latents, timestep, covariates, guidance_scale), noise
+            )
+            if progress_bar is not None:
+                progress_bar.update(len(self.scheduler.timesteps))
+            return latents
         self.scheduler.set_begin_index(0)
         latents = noise
         for timestep in self.scheduler.timesteps:

@@ -1,0 +1,1 @@
+"""Conversion of checkpoints from other implementations (imported by the CLI only)."""

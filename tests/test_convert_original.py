@@ -1,0 +1,191 @@
+"""Parity of `scldm convert-original` with the authors' released scLDM code (../shared/reference), random weights.
+
+The reference VAE and DiT are built from their Hydra model configs (`vae_base.yaml`, `ldm_base.yaml`) at small widths,
+randomised, saved as the Lightning module would (`vae_model.*`, `diffusion_model.*`, `ema_model.ema_model.*`),
+converted, and compared on cells with padding (the VAE in float64; the DiT in float32, as the reference's timestep embedding is).
+"""
+
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from scldm_hf.conversion.convert_original import (
+    convert_original_checkpoint,
+    load_original_config,
+    load_original_state_dict,
+)
+from scldm_hf.errors import CheckpointError
+from scldm_hf.pipelines import SCLDMPipeline
+
+REFERENCE_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "reference").resolve()
+SCLDM_SRC = REFERENCE_DIR / "scldm" / "src"
+NUM_GENES = 30
+CLASS_VOCAB_SIZES = {"cell_type": 3, "donor": 2}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The reference `scldm` modules; its `__init__` needs the package installed, so only the submodules are loaded."""
+    if not SCLDM_SRC.is_dir():
+        pytest.skip(f"reference code {SCLDM_SRC} is absent")
+    if "scldm" not in sys.modules:
+        package = types.ModuleType("scldm")
+        package.__path__ = [str(SCLDM_SRC / "scldm")]
+        sys.modules["scldm"] = package
+    from scldm import layers, nnets, stochastic_layers
+    from scldm.transport import integrators
+
+    return types.SimpleNamespace(layers=layers, nnets=nnets, heads=stochastic_layers, integrators=integrators)
+
+
+def _released_config(tmp_path: Path, decoder_name: str) -> Path:
+    """Compose vae_base.yaml + ldm_base.yaml as Hydra would (small widths) into one released-style config file."""
+    configs = REFERENCE_DIR / "scldm" / "experiments" / "configs" / "model"
+    model = yaml.safe_load((configs / "vae_base.yaml").read_text())
+    ldm = yaml.safe_load((configs / "ldm_base.yaml").read_text())
+    model["module"] = {**model["module"], **{key: value for key, value in ldm["module"].items()}}
+    model["module"]["vae_model"]["encoder"].update(n_layer=2)
+    model["module"]["diffusion_model"].update(n_embed=32, n_layer=2, n_head=4)
+    model["decoder_name"] = decoder_name
+    released = {"model": model, "datamodule": {"vocabulary_encoder": {"n_genes": NUM_GENES,
+                                                                      "class_vocab_sizes": CLASS_VOCAB_SIZES}}}
+    path = tmp_path / "released.yaml"
+    path.write_text(yaml.safe_dump(released))
+    return path
+
+
+def _kwargs(node: dict) -> dict:
+    return {key: value for key, value in node.items() if key != "_target_"}
+
+
+def _build_reference(reference, config_path: Path):
+    """Reference `(input_layer, encoder, decoder, head, dit)` from the composed config, with random weights."""
+    model = load_original_config(config_path)
+    vae = model["module"]["vae_model"]
+    input_layer = reference.layers.InputTransformerVAE(**_kwargs(vae["input_layer"]))
+    encoder = reference.nnets.Encoder(**_kwargs(vae["encoder"]))
+    decoder = reference.nnets.Decoder(**_kwargs(vae["decoder"]))
+    head = reference.heads.NegativeBinomialTransformerLayer(**_kwargs(vae["decoder_head"]))
+    dit = reference.nnets.DiT(**_kwargs(model["module"]["diffusion_model"]))
+    generator = torch.Generator().manual_seed(0)
+    modules = (input_layer, encoder, decoder, head, dit)
+    with torch.no_grad():
+        for module in modules:
+            for name, parameter in module.named_parameters():
+                if "pos_embed" not in name:
+                    scale = 0.1 if module is dit else 0.3  # keeps the DiT velocity O(1), so float32 can resolve 1e-5
+                    parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
+    # the reference's timestep embedding casts to float32, so its DiT runs in float32
+    return [module.double().eval() for module in modules[:-1]] + [dit.eval()]
+
+
+def _save_lightning_checkpoint(path: Path, input_layer, encoder, decoder, head, dit, ema_dit=None) -> None:
+    """Save as `scldm.models.LatentDiffusion` does: `vae_model.*`, `diffusion_model.*`, `ema_model.*` (ema_pytorch)."""
+    state_dict = {}
+    for prefix, module in (("input_layer", input_layer), ("encoder", encoder), ("decoder", decoder),
+                           ("decoder_head", head)):
+        state_dict |= {f"vae_model.{prefix}.{key}": value for key, value in module.state_dict().items()}
+    state_dict |= {f"diffusion_model.{key}": value for key, value in dit.state_dict().items()}
+    if ema_dit is not None:
+        state_dict |= {f"ema_model.ema_model.{key}": value for key, value in ema_dit.state_dict().items()}
+        state_dict |= {"ema_model.initted": torch.tensor(True), "ema_model.step": torch.tensor(100)}
+    torch.save({"state_dict": state_dict, "epoch": 3, "global_step": 100, "pytorch-lightning_version": "2.5.0"}, path)
+
+
+def _padded_cells() -> dict[str, torch.Tensor]:
+    """3 cells as gene tokens, the last two padded (id 0, count 0)."""
+    gene_ids = torch.tensor([[3, 7, 1, 20, 29, 11], [5, 2, 9, 0, 0, 0], [30, 14, 0, 0, 0, 0]])
+    counts = torch.tensor([[4.0, 1, 12, 2, 7, 1], [3, 40, 1, 0, 0, 0], [2, 9, 0, 0, 0, 0]], dtype=torch.float64)
+    return {"gene_ids": gene_ids, "counts": counts, "attention_mask": gene_ids > 0}
+
+
+@pytest.mark.parametrize("decoder_name", ["negative_binomial_shared_theta", "negative_binomial_unshared_theta"])
+def test_converted_vae_and_dit_match_the_reference(reference, tmp_path, decoder_name):
+    config = _released_config(tmp_path, decoder_name)
+    input_layer, encoder, decoder, head, dit = _build_reference(reference, config)
+    checkpoint = tmp_path / "released.ckpt"
+    _save_lightning_checkpoint(checkpoint, input_layer, encoder, decoder, head, dit)
+    pipe = SCLDMPipeline.from_pretrained(convert_original_checkpoint(checkpoint, config, tmp_path / "converted"))
+    vae, transformer = pipe.vae.double(), pipe.transformer
+
+    cells = _padded_cells()
+    library_size = torch.tensor([200.0, 80.0, 1000.0], dtype=torch.float64)
+    all_genes = torch.arange(1, NUM_GENES + 1)
+    with torch.no_grad():
+        reference_latents = encoder(input_layer(cells["counts"], cells["gene_ids"]))
+        genes = all_genes.expand(3, -1)
+        reference_mean, reference_theta = head(
+            decoder(reference_latents, input_layer.gene_embedding(genes)), genes, library_size[:, None]
+        )
+        latents = vae.encode(**cells, library_size=library_size).latents
+        decoded = vae.decode(reference_latents, gene_ids=all_genes, library_size=library_size)
+    assert (latents - reference_latents).abs().max() <= 1e-5
+    assert (decoded.mean - reference_mean).abs().max() <= 1e-5 * reference_mean.abs().max()
+    assert (decoded.inverse_dispersion.expand_as(reference_theta) - reference_theta).abs().max() <= 1e-5
+
+    generator = torch.Generator().manual_seed(1)
+    noisy = torch.randn(3, 16, 16, generator=generator)
+    data_time = torch.tensor([0.0, 0.37, 0.93])
+    # "mutually_exclusive" conditioning uses one covariate per call (picked at random when several are given)
+    for condition in ({"cell_type": torch.tensor([0, 2, 3])}, {"donor": torch.tensor([1, 2, 0])}):  # 3, 2: null ids
+        with torch.no_grad():
+            reference_velocity = dit(noisy, data_time, condition, force_drop_ids=False)
+            velocity = transformer(noisy, (1 - data_time) * 1000, covariates=condition).sample
+        assert (velocity + reference_velocity).abs().max() <= 1e-5  # ours is noise - data, the reference's data - noise
+
+
+def test_dopri5_sample_matches_the_reference_integrator(reference, tmp_path):
+    config = _released_config(tmp_path, "negative_binomial_shared_theta")
+    input_layer, encoder, decoder, head, dit = _build_reference(reference, config)
+    online = _build_reference(reference, config)[-1]
+    checkpoint = tmp_path / "released.ckpt"
+    _save_lightning_checkpoint(checkpoint, input_layer, encoder, decoder, head, online, ema_dit=dit)
+    pipe = SCLDMPipeline.from_pretrained(convert_original_checkpoint(checkpoint, config, tmp_path / "converted"))
+    pipe.vae.double()
+    assert "EMA DiT weights" in (tmp_path / "converted" / "README.md").read_text()
+
+    num_cells, guidance = 4, {"cell_type": 2.0}
+    labels = torch.tensor([0, 1, 2, 0])
+    noise = torch.randn(num_cells, 16, 16, generator=torch.Generator().manual_seed(5))
+    ode = reference.integrators.ode(lambda x, t, model, **kwargs: model(x, t, **kwargs), t0=0.0, t1=1.0,
+                                    sampler_type="dopri5", num_steps=50, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        reference_sample = ode.sample(
+            torch.cat([noise, noise]),
+            lambda x, t, **kwargs: dit.forward_with_cfg(x, t, **kwargs, cfg_scale=guidance),
+            condition={"cell_type": torch.cat([labels, labels])},
+        )[-1][num_cells:]
+    sample = pipe(
+        conditions={"cell_type": [str(label) for label in labels.tolist()]},
+        guidance_scale=guidance,
+        num_inference_steps=49,
+        generator=torch.Generator().manual_seed(5),
+        output_type="latent",
+    ).cells
+    assert (sample - reference_sample).abs().max() <= 1e-4
+
+
+def test_converter_refuses_code_and_bad_files(reference, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    malicious = tmp_path / "mu.pkl"
+    malicious.write_bytes(pickle.dumps({"a": Payload()}))
+    checkpoint = tmp_path / "released.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hyper_parameters": Payload()}, checkpoint)
+    with pytest.raises(CheckpointError, match="weights only"):
+        load_original_state_dict(checkpoint)
+    config = _released_config(tmp_path, "negative_binomial_shared_theta")
+    torch.save({"state_dict": {"x": torch.zeros(1)}}, checkpoint)
+    with pytest.raises(CheckpointError, match="no 'vae_model.input_layer' weights"):
+        convert_original_checkpoint(checkpoint, config, tmp_path / "out", size_factors=(malicious, malicious))
+    input_layer, encoder, decoder, head, dit = _build_reference(reference, config)
+    _save_lightning_checkpoint(checkpoint, input_layer, encoder, decoder, head, dit)
+    with pytest.raises(CheckpointError, match="not a plain-data pickle"):
+        convert_original_checkpoint(checkpoint, config, tmp_path / "out", size_factors=(malicious, malicious))
