@@ -14,8 +14,9 @@ from scldm_hf.data import load_pbmc68k_counts
 from scldm_hf.errors import SCLDMError
 from scldm_hf.evaluation import write_report
 from scldm_hf.workflows.side_by_side import run_side_by_side, stratified_split
+from scldm_hf.resources import resource_dir
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "training" / "configs" / "pbmc_demo.yaml"
+DEFAULT_RECIPE = resource_dir("recipes") / "pbmc_demo.yaml"
 LABEL_KEY = "cell_type"
 
 

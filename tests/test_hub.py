@@ -23,7 +23,8 @@ from scldm_hf.models import SCVAEConfig, SCVAEModel
 from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 from scldm_hf.pipelines import SCLDMCounterfactualPipeline, SCLDMPipeline
-from scldm_hf.training import hub
+from scldm_hf.training import DiTTrainingConfig, hub, load_config
+from scldm_hf.training.model_card import PIPELINE_TEMPLATE, DataProvenance, render_model_card
 
 PIPELINE_REPO = "scldm-tests/tiny-pipeline"
 VAE_REPO = "scldm-tests/tiny-vae"
@@ -199,3 +200,20 @@ def test_pushed_repos_load_and_run_where_scldm_hf_cannot_be_imported(offline_cac
         expected = second.vae.encode(**batch).latents
     for name in ("vae", "subfolder"):
         torch.testing.assert_close(torch.load(tmp_path / f"{name}.pt"), expected)
+
+
+def test_card_metadata_names_hub_ids_and_no_local_paths(tmp_path):
+    tiny = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
+    provenance = DataProvenance(source=str(tmp_path / "cells.h5ad"), num_cells=10, num_train_cells=9,
+                                num_validation_cells=1, num_genes=12, num_measured_genes=12)
+    for data, base_model, datasets, base in (("org/cells", "org/base", ["org/cells"], "org/base"),
+                                              (str(tmp_path / "corpus"), str(tmp_path / "base"), None, None)):
+        config = load_config(DiTTrainingConfig, tiny, {"data": data, "output_dir": str(tmp_path / "pipeline"),
+                                                       "vae_name_or_path": str(tmp_path / "vae")}, section="dit")
+        card = render_model_card(PIPELINE_TEMPLATE, config, provenance, {"validation_flow_matching_loss": 0.5},
+                                 library_name="diffusers", base_model=base_model, metric_descriptions={})
+        assert (card.data.datasets, card.data.base_model, card.data.pipeline_tag) == (datasets, base, "other")
+        assert [(result.metric_type, result.metric_value) for result in card.data.eval_results] == [
+            ("validation_flow_matching_loss", 0.5)]
+        assert str(tmp_path) not in str(card)
+        assert ("Fine-tuned from `org/base`." if base else "Fine-tuned from a local pipeline.") in card.text

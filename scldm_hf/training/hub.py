@@ -5,7 +5,8 @@ from pathlib import Path
 import yaml
 from huggingface_hub import HfApi, ModelCard
 
-from .config import TrainingConfig, config_to_dict
+from .config import TrainingConfig
+from .model_card import portable_config
 
 # Training by-products that stay local: resumable checkpoints, converted data, the latent cache, staging folders.
 PUSH_IGNORE_PATTERNS = ["checkpoints/*", "corpus/*", "latent_cache/*", "vae_finetune/*", ".*"]
@@ -16,7 +17,7 @@ def publish_model_folder(config: TrainingConfig, card: ModelCard) -> None:
     """Write the model card (``README.md``) and ``training_config.yaml`` beside the weights; push if asked."""
     output_dir = Path(config.output_dir)
     card.save(output_dir / "README.md")
-    (output_dir / TRAINING_CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    (output_dir / TRAINING_CONFIG_FILE).write_text(yaml.safe_dump(portable_config(config), sort_keys=False))
     if config.push_to_hub:
         push_folder_to_hub(output_dir, config.hub_model_id, token=config.hub_token, private=config.hub_private)
 

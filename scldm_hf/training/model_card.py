@@ -1,19 +1,55 @@
-"""Model cards (``README.md`` beside the weights) rendered from the Jinja templates in ``model_cards/``."""
+"""Model cards (``README.md`` beside the weights) rendered from the Jinja templates in ``model_cards/``.
+
+The card metadata is a ``huggingface_hub.ModelCardData``: library, license, tags, pipeline tag, the Hub dataset and
+base model (Hub ids only), and a ``model-index`` of the metrics. Nothing written for upload holds a local path.
+"""
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from scldm_hf.data import CorpusInfo
+from scldm_hf.resources import resource_dir
 
 from .config import TrainingConfig, config_to_dict
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+TEMPLATE_DIR = resource_dir("model_cards")
 VAE_TEMPLATE = TEMPLATE_DIR / "scvae.md"
 PIPELINE_TEMPLATE = TEMPLATE_DIR / "scldm_pipeline.md"
 CARD_TAGS = ["single-cell", "scRNA-seq", "biology", "generative", "scldm"]
+# Hub task of each library's model: the VAE embeds cells; the Hub has no task for generating cells.
+PIPELINE_TAGS = {"transformers": "feature-extraction", "diffusers": "other"}
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """`name_or_path` if it names a Hub repo (``org/name``, not a local folder or file), else None."""
+    if not name_or_path or Path(name_or_path).exists() or Path(name_or_path).is_absolute():
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path if name_or_path.count("/") == 1 else None
+
+
+def portable(value):
+    """`value` with every absolute local path reduced to its last part (nested dicts and lists included)."""
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item) for item in value]
+    if isinstance(value, str) and Path(value).is_absolute():
+        return Path(value).name
+    return value
+
+
+def portable_config(config: TrainingConfig) -> dict:
+    """The training config for upload (card and ``training_config.yaml``): no secrets, no absolute local paths."""
+    return portable(config_to_dict(config))
 
 
 @dataclass
@@ -54,16 +90,32 @@ def render_model_card(
 ) -> ModelCard:
     """Fill `template_path` with the data provenance, the training config and the evaluation `metrics`.
 
-    The load snippet uses ``config.hub_model_id`` when set, else the output folder.
+    The load snippet uses ``config.hub_model_id`` when set, else the output folder's name. `base_model` and
+    ``config.data`` go into the metadata only when they are Hub ids (a local path is omitted).
     """
-    card_data = ModelCardData(library_name=library_name, license="apache-2.0", tags=CARD_TAGS, base_model=base_model)
+    model_id = config.hub_model_id or Path(config.output_dir).name
+    dataset = hub_id(config.data)
+    pipeline_tag = PIPELINE_TAGS[library_name]
+    eval_results = [
+        EvalResult(task_type=pipeline_tag, dataset_type=dataset or "custom", dataset_name=dataset or
+                   portable(provenance.source) or "training data (held-out cells)", dataset_split="validation",
+                   metric_type=name, metric_name=name, metric_value=float(value))
+        for name, value in metrics.items()
+    ]
+    card_data = ModelCardData(
+        library_name=library_name, license="apache-2.0", tags=CARD_TAGS, pipeline_tag=pipeline_tag,
+        base_model=hub_id(base_model), datasets=[dataset] if dataset else None,
+        model_name=model_id if eval_results else None, eval_results=eval_results or None,
+    )
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),
-        model_id=config.hub_model_id or str(config.output_dir),
+        model_id=model_id,
         data=provenance,
-        training_config=yaml.safe_dump(config_to_dict(config), sort_keys=False).strip(),
+        source=portable(provenance.source),
+        training_config=yaml.safe_dump(portable_config(config), sort_keys=False).strip(),
         metrics={name: f"{value:.4g}" for name, value in metrics.items()},
         max_steps=config.max_train_steps,
+        fine_tuned=base_model is not None,
         **template_kwargs,
     )
