@@ -25,9 +25,9 @@ from sklearn.model_selection import train_test_split
 from scldm_hf.evaluation import NaiveNBBaseline, ProtocolCardMetrics, ScviGenerator, evaluate_generation, summarize
 from scldm_hf.loading import load_pipeline
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
-from scldm_hf.training.config import config_to_dict
 from scldm_hf.training.dit import train_dit
 from scldm_hf.training.hub import TRAINING_CONFIG_FILE
+from scldm_hf.training.model_card import portable_config
 from scldm_hf.training.vae import train_vae
 
 
@@ -66,7 +66,7 @@ def was_trained_with(model_dir: Path, config: VAETrainingConfig) -> bool:
         (model_dir / "model.safetensors").is_file()
         and (model_dir / "corpus").is_dir()
         and saved.is_file()
-        and yaml.safe_load(saved.read_text()) == config_to_dict(config)
+        and yaml.safe_load(saved.read_text()) == portable_config(config)
     )
 
 
