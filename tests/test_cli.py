@@ -359,7 +359,7 @@ def test_evaluate_refuses_duplicate_gene_names_and_unreadable_files(workdir, gen
     real = ad.read_h5ad(workdir / "real.h5ad")
     real.var_names = ["CD3D"] * 2 + list(real.var_names[2:])
     real.write_h5ad(tmp_path / "duplicated.h5ad")
-    args = ["--condition-key", "cell_type", "--out", tmp_path / "m.csv"]
+    args = ["--condition-key", "cell_type", "--reference", workdir / "real.h5ad", "--out", tmp_path / "m.csv"]
     line = run_error(["evaluate", tmp_path / "duplicated.h5ad", generated, *args], capsys)
     assert "In the real file" in line and "var_names_make_unique()" in line
     (tmp_path / "empty.h5ad").write_bytes(b"")
