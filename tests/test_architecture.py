@@ -17,6 +17,7 @@ LAYERS = {
     "scldm_hf.flow_matching": 3,
     "scldm_hf.pipelines": 4,
     "scldm_hf.loading": 4,
+    "scldm_hf.conversion": 4,
     "scldm_hf.training": 5,
     "scldm_hf.evaluation": 6,
     "scldm_hf.workflows": 7,
