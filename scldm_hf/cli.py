@@ -1,4 +1,4 @@
-"""The ``scldm`` command line: convert, train, generate, evaluate.
+"""The ``scldm`` command line: convert, convert-original, train, generate, evaluate.
 
 Every ``SCLDMError`` is printed as one line (``error: ...``) with exit code 2; ``--debug`` shows the traceback.
 """
@@ -146,6 +146,16 @@ def _evaluate(args) -> str:
     return f"metrics written to {args.out}"
 
 
+def _convert_original(args) -> str:
+    from scldm_hf.conversion.convert_original import convert_original_checkpoint
+
+    output = convert_original_checkpoint(
+        args.checkpoint, args.config, args.output, size_factors=args.size_factors, anndata=args.anndata,
+        use_ema=not args.no_ema, base_model=args.base_model,
+    )
+    return f"converted {args.checkpoint} into {output}"
+
+
 def _train(args) -> str:
     from scldm_hf.workflows import run_stage
 
@@ -172,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="minimum fraction of vocabulary genes the data must measure (None: 0.01)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     convert.set_defaults(run=_convert)
+
+    original = add_command("convert-original", "released scLDM .ckpt + Hydra .yaml -> SCLDMPipeline folder")
+    original.add_argument("checkpoint", help="Lightning .ckpt (or .safetensors) of the released model")
+    original.add_argument("--config", required=True, help="the Hydra .yaml released with the checkpoint")
+    original.add_argument("--size-factors", nargs=2, metavar=("MU.pkl", "SD.pkl"),
+                          help="log size-factor mean and sd pickles (plain dicts)")
+    original.add_argument("--anndata", help="training .h5ad, for gene and label names (default: ids)")
+    original.add_argument("--no-ema", action="store_true", help="take the online DiT weights, not the EMA ones")
+    original.add_argument("--base-model", help="Hub id recorded as base_model in the card, e.g. biohub/scldm_cd4")
+    original.add_argument("--output", required=True, help="folder to write the pipeline to")
+    original.set_defaults(run=_convert_original)
 
     train = commands.add_parser("train", help="train a stage; `scldm train <stage> --help` lists its "
                                 "options (the same as training/train_<stage>.py)")

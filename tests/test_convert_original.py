@@ -189,3 +189,35 @@ def test_converter_refuses_code_and_bad_files(reference, tmp_path):
     _save_lightning_checkpoint(checkpoint, input_layer, encoder, decoder, head, dit)
     with pytest.raises(CheckpointError, match="not a plain-data pickle"):
         convert_original_checkpoint(checkpoint, config, tmp_path / "out", size_factors=(malicious, malicious))
+
+
+def test_cli_converts_with_size_factors_and_names(reference, tmp_path, capsys):
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from scldm_hf.cli import main
+
+    config = _released_config(tmp_path, "negative_binomial_shared_theta")
+    checkpoint = tmp_path / "released.ckpt"
+    _save_lightning_checkpoint(checkpoint, *_build_reference(reference, config))
+    obs = pd.DataFrame({"cell_type": pd.Categorical(["B", "NK", "T"]), "donor": pd.Categorical(["d1", "d2", "d1"])})
+    adata = ad.AnnData(np.zeros((3, NUM_GENES), dtype=np.float32), obs=obs)
+    adata.var_names = [f"G{index}" for index in range(NUM_GENES)]
+    adata.write_h5ad(tmp_path / "train.h5ad")
+    (tmp_path / "mu.pkl").write_bytes(pickle.dumps({"cell_type": {"B": 7.0, "NK": 8.0, "T": 7.0}}))
+    (tmp_path / "sd.pkl").write_bytes(pickle.dumps({"cell_type": {"B": 0.5, "NK": 0.5, "T": 0.5}}))
+
+    argv = ["convert-original", str(checkpoint), "--config", str(config), "--anndata", str(tmp_path / "train.h5ad"),
+            "--size-factors", str(tmp_path / "mu.pkl"), str(tmp_path / "sd.pkl"), "--output", str(tmp_path / "out")]
+    assert main(argv) == 0
+    pipe = SCLDMPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.vae.config.gene_names[:2] == ["G0", "G1"]
+    assert pipe.conditioner.config.covariate_labels == {"cell_type": ["B", "NK", "T"], "donor": ["d1", "d2"]}
+    log_size = pipe.conditioner.sample_library_size({"cell_type": torch.tensor([1] * 200)}, 200).log()
+    assert abs(log_size.mean() - 8.0) < 0.15 and abs(log_size.std() - 0.5) < 0.1
+    assert type(pipe.scheduler).__name__ == "FlowMatchODESolverScheduler"
+
+    capsys.readouterr()
+    assert main(argv[:-1] + [str(tmp_path / "out2"), "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: Config")

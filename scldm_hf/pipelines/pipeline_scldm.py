@@ -115,7 +115,10 @@ class SCLDMPipeline(DiffusionPipeline):
             if name in model_classes:
                 kwargs[name] = model_classes[name].from_pretrained(folder / name, **model_options)
             else:
-                kwargs[name] = getattr(diffusers, index[name][1]).from_pretrained(folder, subfolder=name)
+                class_name = index[name][1]
+                component_class = FlowMatchODESolverScheduler if class_name == FlowMatchODESolverScheduler.__name__ \
+                    else getattr(diffusers, class_name)
+                kwargs[name] = component_class.from_pretrained(folder, subfolder=name)
         return cls(**kwargs)
 
     def save_pretrained(self, save_directory: str | PathLike, **kwargs) -> None:
@@ -127,7 +130,10 @@ class SCLDMPipeline(DiffusionPipeline):
         folder = Path(save_directory)
         index = json.loads((folder / self.config_name).read_text())
         index["_class_name"] = write_class_code(SCLDMPipeline, folder).split(".")
-        for name in ("vae", "transformer", "conditioner"):
+        shipped = ("vae", "transformer", "conditioner")
+        if isinstance(self.scheduler, FlowMatchODESolverScheduler):
+            shipped += ("scheduler",)
+        for name in shipped:
             index[name] = write_class_code(type(getattr(self, name)), folder / name).split(".")
         (folder / self.config_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
