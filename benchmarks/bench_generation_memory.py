@@ -1,4 +1,4 @@
-"""Memory of streaming generation: peak RSS of `SCLDMPipeline.generate_to_file` for 10^5 and 10^6 cells.
+"""Memory of streaming generation: peak RSS of `scldm_hf.pipelines.streaming.generate_to_file` for 10^5 and 10^6 cells.
 
 A tiny untrained pipeline over the 765 PBMC genes (memory and throughput do not depend on the weights) generates
 cells conditioned on one cell type into a corpus folder (Arrow shards) or an .h5ad, batch by batch. Each run is a
@@ -23,6 +23,7 @@ from scldm_hf.models import SCVAEConfig, SCVAEModel
 from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 from scldm_hf.pipelines import SCLDMPipeline
+from scldm_hf.pipelines.streaming import generate_to_file
 
 num_cells, out, steps, batch_size = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(1)
@@ -39,9 +40,9 @@ pipe = SCLDMPipeline(vae, transformer, FlowMatchEulerDiscreteScheduler(), condit
 pipe.set_progress_bar_config(disable=True)
 setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-written = pipe.generate_to_file(out, conditions={"cell_type": "CD19+ B"}, num_cells=num_cells,
-                                num_inference_steps=steps, batch_size=batch_size,
-                                generator=torch.Generator().manual_seed(0))
+written = generate_to_file(pipe, out, conditions={"cell_type": "CD19+ B"}, num_cells=num_cells,
+                           num_inference_steps=steps, batch_size=batch_size,
+                           generator=torch.Generator().manual_seed(0))
 seconds = time.perf_counter() - start
 print(json.dumps({"cells": written, "seconds": seconds, "setup_rss_kb": setup_rss,
                   "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
