@@ -40,7 +40,7 @@ IN_VENV = textwrap.dedent("""
     assert main(["train", "dit", "--config", recipe, "--data", str(out / "vae" / "corpus"),
                  "--vae_name_or_path", sys.argv[4], "--output_dir", str(out / "pipeline"),
                  "--hub_model_id", sys.argv[5], "--num_eval_cells", "0", *steps]) == 0
-    assert main(["generate", sys.argv[5], "--num-cells", "5", "--steps", "2", "--out", str(out / "cells.h5ad")]) == 0
+    assert main(["generate", sys.argv[5], "--num-cells", "5", "--steps", "2", "--out", str(out / "generated.h5ad")]) == 0
     print(json.dumps({"package": scldm_hf.__file__, "pipelines": importlib.util.find_spec("pipelines") is not None}))
 """)
 
@@ -81,7 +81,7 @@ def test_wheel_installs_the_package_with_its_data_and_no_pipelines_package(wheel
     root, venv_site, report = wheel_run
     assert Path(report["package"]).is_relative_to(venv_site)
     assert not report["pipelines"]
-    assert (root / "cells.h5ad").is_file() and (root / "cells.h5ad").stat().st_size > 0
+    assert (root / "generated.h5ad").is_file() and (root / "generated.h5ad").stat().st_size > 0
 
 
 def test_uploads_hold_valid_cards_and_no_local_path(wheel_run, monkeypatch):
