@@ -6,41 +6,29 @@ converted, and compared on cells with padding (the VAE in float64; the DiT in fl
 """
 
 import pickle
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from scldm_hf.conversion.convert_original import (
-    convert_original_checkpoint,
-    load_original_config,
-    load_original_state_dict,
-)
+from scldm_hf.conversion.convert_original import convert_original_checkpoint, load_original_state_dict
 from scldm_hf.errors import CheckpointError
 from scldm_hf.pipelines import SCLDMPipeline
 
-REFERENCE_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "reference").resolve()
-SCLDM_SRC = REFERENCE_DIR / "scldm" / "src"
+from reference_code import REFERENCE_DIR, build_reference, import_reference, save_lightning_checkpoint
+
 NUM_GENES = 30
 CLASS_VOCAB_SIZES = {"cell_type": 3, "donor": 2}
 
 
 @pytest.fixture(scope="module")
 def reference():
-    """The reference `scldm` modules; its `__init__` needs the package installed, so only the submodules are loaded."""
-    if not SCLDM_SRC.is_dir():
-        pytest.skip(f"reference code {SCLDM_SRC} is absent")
-    if "scldm" not in sys.modules:
-        package = types.ModuleType("scldm")
-        package.__path__ = [str(SCLDM_SRC / "scldm")]
-        sys.modules["scldm"] = package
-    from scldm import layers, nnets, stochastic_layers
-    from scldm.transport import integrators
-
-    return types.SimpleNamespace(layers=layers, nnets=nnets, heads=stochastic_layers, integrators=integrators)
+    """The reference `scldm` modules."""
+    return import_reference(
+        "scldm", REFERENCE_DIR / "scldm" / "src",
+        ["layers", "nnets", "stochastic_layers", "transport.integrators"],
+    )
 
 
 def _released_config(tmp_path: Path, decoder_name: str) -> Path:
@@ -59,44 +47,6 @@ def _released_config(tmp_path: Path, decoder_name: str) -> Path:
     return path
 
 
-def _kwargs(node: dict) -> dict:
-    return {key: value for key, value in node.items() if key != "_target_"}
-
-
-def _build_reference(reference, config_path: Path):
-    """Reference `(input_layer, encoder, decoder, head, dit)` from the composed config, with random weights."""
-    model = load_original_config(config_path)
-    vae = model["module"]["vae_model"]
-    input_layer = reference.layers.InputTransformerVAE(**_kwargs(vae["input_layer"]))
-    encoder = reference.nnets.Encoder(**_kwargs(vae["encoder"]))
-    decoder = reference.nnets.Decoder(**_kwargs(vae["decoder"]))
-    head = reference.heads.NegativeBinomialTransformerLayer(**_kwargs(vae["decoder_head"]))
-    dit = reference.nnets.DiT(**_kwargs(model["module"]["diffusion_model"]))
-    generator = torch.Generator().manual_seed(0)
-    modules = (input_layer, encoder, decoder, head, dit)
-    with torch.no_grad():
-        for module in modules:
-            for name, parameter in module.named_parameters():
-                if "pos_embed" not in name:
-                    scale = 0.1 if module is dit else 0.3  # keeps the DiT velocity O(1), so float32 can resolve 1e-5
-                    parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
-    # the reference's timestep embedding casts to float32, so its DiT runs in float32
-    return [module.double().eval() for module in modules[:-1]] + [dit.eval()]
-
-
-def _save_lightning_checkpoint(path: Path, input_layer, encoder, decoder, head, dit, ema_dit=None) -> None:
-    """Save as `scldm.models.LatentDiffusion` does: `vae_model.*`, `diffusion_model.*`, `ema_model.*` (ema_pytorch)."""
-    state_dict = {}
-    for prefix, module in (("input_layer", input_layer), ("encoder", encoder), ("decoder", decoder),
-                           ("decoder_head", head)):
-        state_dict |= {f"vae_model.{prefix}.{key}": value for key, value in module.state_dict().items()}
-    state_dict |= {f"diffusion_model.{key}": value for key, value in dit.state_dict().items()}
-    if ema_dit is not None:
-        state_dict |= {f"ema_model.ema_model.{key}": value for key, value in ema_dit.state_dict().items()}
-        state_dict |= {"ema_model.initted": torch.tensor(True), "ema_model.step": torch.tensor(100)}
-    torch.save({"state_dict": state_dict, "epoch": 3, "global_step": 100, "pytorch-lightning_version": "2.5.0"}, path)
-
-
 def _padded_cells() -> dict[str, torch.Tensor]:
     """3 cells as gene tokens, the last two padded (id 0, count 0)."""
     gene_ids = torch.tensor([[3, 7, 1, 20, 29, 11], [5, 2, 9, 0, 0, 0], [30, 14, 0, 0, 0, 0]])
@@ -107,9 +57,9 @@ def _padded_cells() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("decoder_name", ["negative_binomial_shared_theta", "negative_binomial_unshared_theta"])
 def test_converted_vae_and_dit_match_the_reference(reference, tmp_path, decoder_name):
     config = _released_config(tmp_path, decoder_name)
-    input_layer, encoder, decoder, head, dit = _build_reference(reference, config)
+    input_layer, encoder, decoder, head, dit = build_reference(reference, config)
     checkpoint = tmp_path / "released.ckpt"
-    _save_lightning_checkpoint(checkpoint, input_layer, encoder, decoder, head, dit)
+    save_lightning_checkpoint(checkpoint, input_layer, encoder, decoder, head, dit)
     pipe = SCLDMPipeline.from_pretrained(convert_original_checkpoint(checkpoint, config, tmp_path / "converted"))
     vae, transformer = pipe.vae.double(), pipe.transformer
 
@@ -141,10 +91,10 @@ def test_converted_vae_and_dit_match_the_reference(reference, tmp_path, decoder_
 
 def test_dopri5_sample_matches_the_reference_integrator(reference, tmp_path):
     config = _released_config(tmp_path, "negative_binomial_shared_theta")
-    input_layer, encoder, decoder, head, dit = _build_reference(reference, config)
-    online = _build_reference(reference, config)[-1]
+    input_layer, encoder, decoder, head, dit = build_reference(reference, config)
+    online = build_reference(reference, config)[-1]
     checkpoint = tmp_path / "released.ckpt"
-    _save_lightning_checkpoint(checkpoint, input_layer, encoder, decoder, head, online, ema_dit=dit)
+    save_lightning_checkpoint(checkpoint, input_layer, encoder, decoder, head, online, ema_dit=dit)
     pipe = SCLDMPipeline.from_pretrained(convert_original_checkpoint(checkpoint, config, tmp_path / "converted"))
     pipe.vae.double()
     assert "EMA DiT weights" in (tmp_path / "converted" / "README.md").read_text()
@@ -185,8 +135,8 @@ def test_converter_refuses_code_and_bad_files(reference, tmp_path):
     torch.save({"state_dict": {"x": torch.zeros(1)}}, checkpoint)
     with pytest.raises(CheckpointError, match="no 'vae_model.input_layer' weights"):
         convert_original_checkpoint(checkpoint, config, tmp_path / "out", size_factors=(malicious, malicious))
-    input_layer, encoder, decoder, head, dit = _build_reference(reference, config)
-    _save_lightning_checkpoint(checkpoint, input_layer, encoder, decoder, head, dit)
+    input_layer, encoder, decoder, head, dit = build_reference(reference, config)
+    save_lightning_checkpoint(checkpoint, input_layer, encoder, decoder, head, dit)
     with pytest.raises(CheckpointError, match="not a plain-data pickle"):
         convert_original_checkpoint(checkpoint, config, tmp_path / "out", size_factors=(malicious, malicious))
 
@@ -200,7 +150,7 @@ def test_cli_converts_with_size_factors_and_names(reference, tmp_path, capsys):
 
     config = _released_config(tmp_path, "negative_binomial_shared_theta")
     checkpoint = tmp_path / "released.ckpt"
-    _save_lightning_checkpoint(checkpoint, *_build_reference(reference, config))
+    save_lightning_checkpoint(checkpoint, *build_reference(reference, config))
     obs = pd.DataFrame({"cell_type": pd.Categorical(["B", "NK", "T"]), "donor": pd.Categorical(["d1", "d2", "d1"])})
     adata = ad.AnnData(np.zeros((3, NUM_GENES), dtype=np.float32), obs=obs)
     adata.var_names = [f"G{index}" for index in range(NUM_GENES)]

@@ -30,6 +30,11 @@ CONVERTER_VERSION = "1.0"
 VAE_PREFIX = "vae_model."
 DIT_PREFIX = "diffusion_model."
 EMA_PREFIX = "ema_model.ema_model."  # ema_pytorch's EMA wrapper, an attribute `ema_model` of the Lightning module
+FLOW_MATCHING_PREFIX = "nnet."  # scLDM.CD4 wraps its DiT in `scg_vae.diffusion.FlowMatching(nnet=DiT)`
+CD4_PACKAGE = "scg_vae"
+CD4_HUB_ID = "biohub/scldm_cd4"
+# the released samplers' torchdiffeq tolerances when the config's generation_args name none: (atol, rtol)
+ODE_TOLERANCES = {"scldm": (1e-5, 1e-5), CD4_PACKAGE: (1e-6, 1e-3)}
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
 
 
@@ -112,6 +117,18 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str,
     return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
+def _dit_weights(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The DiT's tensors under `prefix`, also when it sits inside CD4's `FlowMatching` wrapper (`prefix` + `nnet.`)."""
+    weights = _strip_prefix(state_dict, prefix)
+    return _strip_prefix(weights, FLOW_MATCHING_PREFIX) or weights
+
+
+def _source_package(model_config: dict) -> str:
+    """`"scg_vae"` for an scLDM.CD4 config, else `"scldm"` (from the package of the module's `_target_`)."""
+    target = str(model_config["module"].get("_target_", ""))
+    return CD4_PACKAGE if target.startswith(f"{CD4_PACKAGE}.") else "scldm"
+
+
 def _target_name(node: dict) -> str:
     return str(node.get("_target_", "")).rsplit(".", 1)[-1]
 
@@ -126,11 +143,18 @@ def vae_config_from_original(model_config: dict, state_dict: dict[str, torch.Ten
     vae = model_config["module"]["vae_model"]
     encoder, decoder, head = vae["encoder"], vae["decoder"], vae["decoder_head"]
     agg_func = vae["input_layer"]["agg_func"]
-    _require(agg_func == "log1p", f"input layer agg_func={agg_func!r}")
+    _require(agg_func in ("log1p", "softbin"), f"input layer agg_func={agg_func!r}")
+    if (agg_func == "softbin") != ("input_layer.projection.bin_embeddings" in state_dict):
+        raise CheckpointError(
+            f"The config's input layer agg_func={agg_func!r} does not match the checkpoint's input-layer weights; "
+            "pass the config released with this checkpoint."
+        )
+    soft_bins = agg_func == "softbin"
     _require(_target_name(head) == "NegativeBinomialTransformerLayer", f"decoder head {head.get('_target_')}")
     _require(not encoder.get("bias", False), "biased VAE projections")
     _require(decoder.get("shared_embedding", True) and not decoder.get("use_adaln", False), "a decoder gene table")
-    _require(float(head.get("t", 1.0)) == 1.0, "a softmax temperature")
+    cd4_head = _source_package(model_config) == CD4_PACKAGE  # CD4's head takes `t` but does not apply it
+    _require(cd4_head or float(head.get("t", 1.0)) == 1.0, "a softmax temperature")
     _require(encoder["n_head"] == decoder["n_head"], "different encoder and decoder head counts")
     pos_embed = state_dict.get("encoder.pos_embed")
     _require(pos_embed is None or not pos_embed.any(), "a non-zero encoder positional embedding")
@@ -148,8 +172,11 @@ def vae_config_from_original(model_config: dict, state_dict: dict[str, torch.Ten
         decoder_cross_attention_heads=decoder["n_head_cross"],
         num_attention_heads=encoder["n_head"],
         intermediate_size=swiglu_intermediate_size(encoder["n_embed"], encoder["multiple_of"]),
-        value_encoding="log1p",
-        count_transform="log1p",
+        value_encoding="soft_bins" if soft_bins else "log1p",
+        count_transform="none" if soft_bins else "log1p",
+        num_count_bins=state_dict["input_layer.projection.bin_embeddings"].shape[0] if soft_bins else 10,
+        count_bin_mlp_size=state_dict["input_layer.projection.mlp_count.0.weight"].shape[0] if soft_bins else 64,
+        encode_all_genes=soft_bins,
         likelihood="negative_binomial",
         dispersion="gene" if head.get("shared_theta", False) else "gene-cell",
         gene_cell_dispersion_activation="exp",
@@ -216,6 +243,8 @@ def convert_vae_state_dict(state_dict: dict[str, torch.Tensor], config: SCVAECon
         "encoder.encoder_latent_input.0": ("encoder.latent_projection",),
         "decoder.decoder_latent_input.1": ("decoder.latent_projection",),
         "decoder_head.params": ("decoder.output_head",),
+        "input_layer.projection.mlp_count.0": ("count_embedding.count_mlp.0",),
+        "input_layer.projection.mlp_count.2": ("count_embedding.count_mlp.2",),
     }
     module_map |= _cross_attention_block("encoder.ca_layer", "encoder.cross_attention")
     module_map |= _cross_attention_block("decoder.decoder_cross_attention", "decoder.gene_readout")
@@ -225,6 +254,8 @@ def convert_vae_state_dict(state_dict: dict[str, torch.Tensor], config: SCVAECon
         module_map |= _self_attention_block(f"decoder.decoder_layers.{index}", f"decoder.layers.{index}")
     converted = _map_modules(state_dict, module_map)
     converted["encoder.latent_queries"] = state_dict["encoder.ca_layer.inducing_points"].clone()
+    if config.value_encoding == "soft_bins":
+        converted["count_embedding.bin_embeddings"] = state_dict["input_layer.projection.bin_embeddings"].clone()
     if config.dispersion == "gene":
         converted["log_inverse_dispersion"] = state_dict["decoder_head.theta.weight"][:, 0].clone()
     return converted
@@ -233,6 +264,7 @@ def convert_vae_state_dict(state_dict: dict[str, torch.Tensor], config: SCVAECon
 def dit_config_from_original(model_config: dict, state_dict: dict[str, torch.Tensor]) -> dict:
     """`LatentDiTTransformer` config reproducing the released `DiT` (`state_dict` without its prefix)."""
     dit = model_config["module"]["diffusion_model"]
+    dit = dit.get("nnet", dit)  # CD4: FlowMatching(nnet=DiT)
     transport = model_config["module"].get("transport", {})
     _require(transport.get("path_type", "Linear") == "Linear", f"transport path {transport.get('path_type')!r}")
     _require(transport.get("prediction", "velocity") == "velocity", f"prediction {transport.get('prediction')!r}")
@@ -380,16 +412,19 @@ def convert_original_checkpoint(
         anndata: the training AnnData, for gene names and label names; without it genes are `gene_<id>` and labels
             their ids (`"0"`, `"1"`, ...), in the released vocabulary order.
         use_ema: take the DiT's EMA weights (`ema_model.ema_model.*`) when the checkpoint has them.
-        base_model: Hub id recorded as `base_model` in the card (e.g. `biohub/scldm_cd4`).
+        base_model: Hub id recorded as `base_model` in the card; defaults to `biohub/scldm_cd4` for an scLDM.CD4
+            config (`_target_: scg_vae...`).
     """
     model_config = load_original_config(config)
+    if base_model is None and _source_package(model_config) == CD4_PACKAGE:
+        base_model = CD4_HUB_ID
     state_dict = load_original_state_dict(checkpoint)
     vae_weights = _strip_prefix(state_dict, VAE_PREFIX)
     if "input_layer.gene_embedding.weight" not in vae_weights:
         raise CheckpointError(f"Checkpoint {checkpoint} has no '{VAE_PREFIX}input_layer' weights; is it an scLDM one?")
-    dit_weights = _strip_prefix(state_dict, EMA_PREFIX) if use_ema else {}
+    dit_weights = _dit_weights(state_dict, EMA_PREFIX) if use_ema else {}
     weights_used = "EMA" if dit_weights else "online (non-EMA)"
-    dit_weights = dit_weights or _strip_prefix(state_dict, DIT_PREFIX)
+    dit_weights = dit_weights or _dit_weights(state_dict, DIT_PREFIX)
     covariates = sorted({key.split(".")[1] for key in dit_weights if key.startswith("class_embeddings.")})
     num_genes = vae_weights["input_layer.gene_embedding.weight"].shape[0] - 1
     if anndata is not None:
@@ -424,9 +459,12 @@ def convert_original_checkpoint(
             raise CheckpointError(f"Size-factor pickles {size_factors} are not dicts.")
         label_ids, log_mean, log_var = library_size_groups(mu, sd, covariate_labels)
         conditioner.set_library_size_groups(label_ids, torch.ones(len(label_ids)), log_mean, log_var)
-    pipeline = SCLDMPipeline(
-        vae=vae, transformer=transformer, scheduler=FlowMatchODESolverScheduler(), conditioner=conditioner
+    generation = model_config["module"].get("generation_args") or {}
+    atol, rtol = ODE_TOLERANCES[_source_package(model_config)]
+    scheduler = FlowMatchODESolverScheduler(
+        atol=float(generation.get("atol", atol)), rtol=float(generation.get("rtol", rtol))
     )
+    pipeline = SCLDMPipeline(vae=vae, transformer=transformer, scheduler=scheduler, conditioner=conditioner)
     pipeline.save_pretrained(output_dir)
     _write_card(output_dir, checkpoint, config, base_model, f"{weights_used} DiT weights")
     return output_dir

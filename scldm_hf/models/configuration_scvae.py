@@ -24,11 +24,18 @@ class SCVAEConfig(PreTrainedConfig):
         decoder_cross_attention_heads (`int`, defaults to 4): Heads of the decoder's genes-to-latent cross-attention.
         num_attention_heads (`int`, defaults to 8): Heads of every self-attention block.
         intermediate_size (`int`, *optional*): SwiGLU width; defaults to `2/3 * 4 * hidden_size` rounded up to 8.
-        value_encoding (`"log1p"` or `"concat"`, defaults to `"log1p"`):
+        value_encoding (`"log1p"`, `"concat"` or `"soft_bins"`, defaults to `"log1p"`):
             How a gene token combines its embedding `e` with the transformed count `v`: `"log1p"` uses `e * v`,
-            `"concat"` a linear projection of `[e, v]`.
-        count_transform (`"log1p"` or `"normalized_log1p"`, defaults to `"normalized_log1p"`):
-            Encoder input value: `log1p(count)` or `log1p(count / library_size * target_sum)`.
+            `"concat"` a linear projection of `[e, v]`, `"soft_bins"` `e + softmax(mlp(v)) @ bins` over
+            `num_count_bins` learned bin vectors (scLDM.CD4's `softbin` input layer).
+        count_transform (`"log1p"`, `"normalized_log1p"` or `"none"`, defaults to `"normalized_log1p"`):
+            Encoder input value: `log1p(count)`, `log1p(count / library_size * target_sum)`, or the raw count.
+        num_count_bins (`int`, defaults to 10): Bin vectors of `value_encoding="soft_bins"`.
+        count_bin_mlp_size (`int`, defaults to 64): Hidden width of the MLP that weighs the bins.
+        encode_all_genes (`bool`, defaults to False):
+            The encoder reads every vocabulary gene, zero counts included (genes absent from the input count as 0),
+            instead of the expressed genes only. scLDM.CD4 is trained on all its genes densely; with `"soft_bins"` a
+            zero count is not a zero token.
         target_sum (`float`, defaults to 1e4): Library size that `"normalized_log1p"` and the Gaussian head scale to.
         likelihood (`"negative_binomial"` or `"gaussian"`, defaults to `"negative_binomial"`):
             Negative binomial on counts (mean = softmax over decoded genes x library size), or a unit-variance
@@ -81,8 +88,11 @@ class SCVAEConfig(PreTrainedConfig):
     decoder_cross_attention_heads: int = 4
     num_attention_heads: int = 8
     intermediate_size: int | None = None
-    value_encoding: Literal["log1p", "concat"] = "log1p"
-    count_transform: Literal["log1p", "normalized_log1p"] = "normalized_log1p"
+    value_encoding: Literal["log1p", "concat", "soft_bins"] = "log1p"
+    count_transform: Literal["log1p", "normalized_log1p", "none"] = "normalized_log1p"
+    num_count_bins: int = 10
+    count_bin_mlp_size: int = 64
+    encode_all_genes: bool = False
     target_sum: float = 1e4
     likelihood: Literal["negative_binomial", "gaussian"] = "negative_binomial"
     dispersion: Literal["gene", "gene-cell"] = "gene"
@@ -107,8 +117,8 @@ class SCVAEConfig(PreTrainedConfig):
 
     def _check_values(self) -> None:
         choices = {
-            "value_encoding": ("log1p", "concat"),
-            "count_transform": ("log1p", "normalized_log1p"),
+            "value_encoding": ("log1p", "concat", "soft_bins"),
+            "count_transform": ("log1p", "normalized_log1p", "none"),
             "likelihood": ("negative_binomial", "gaussian"),
             "dispersion": ("gene", "gene-cell"),
             "gene_cell_dispersion_activation": ("softplus", "exp"),

@@ -120,3 +120,20 @@ class CrossAttentionBlock(nn.Module):
             self.query_norm(queries), self.context_norm(context), key_padding_mask=key_padding_mask
         )
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+class SoftBinCountEmbedding(nn.Module):
+    """Count embedding as a soft mixture of learned bin vectors: `softmax(mlp(value)) @ bins`, `[B, L] -> [B, L, H]`.
+
+    The `softbin` input layer of scLDM.CD4: the gene token is `gene embedding + this`, so a zero count still gives each
+    gene its own token.
+    """
+
+    def __init__(self, hidden_size: int, num_bins: int = 10, mlp_size: int = 64):
+        super().__init__()
+        self.count_mlp = nn.Sequential(nn.Linear(1, mlp_size), nn.SiLU(), nn.Linear(mlp_size, num_bins))
+        self.bin_embeddings = nn.Parameter(torch.empty(num_bins, hidden_size))
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        bin_weights = torch.softmax(self.count_mlp(values.unsqueeze(-1)), dim=-1)
+        return bin_weights @ self.bin_embeddings

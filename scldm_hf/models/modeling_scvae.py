@@ -24,7 +24,7 @@ from ..errors import ConfigurationError
 from ..hub_code import write_class_code
 from ..validation import check_decoder_genes, check_gene_tokens, check_library_size, check_panel_counts
 from .configuration_scvae import SCVAEConfig
-from .layers import CrossAttentionBlock, SelfAttentionBlock
+from .layers import CrossAttentionBlock, SelfAttentionBlock, SoftBinCountEmbedding
 
 _LOG_EPS = 1e-8
 
@@ -64,6 +64,16 @@ def sample_negative_binomial(
         # torch.distributions.Gamma cannot take a generator; its sampler can.
         rate = torch._standard_gamma(theta, generator=generator) * rate / theta
     return torch.poisson(rate, generator=generator).long().to(mean.device)
+
+
+def all_gene_tokens(
+    gene_ids: torch.LongTensor, counts: torch.Tensor, attention_mask: torch.BoolTensor, vocab_size: int
+) -> tuple[torch.LongTensor, torch.Tensor, torch.BoolTensor]:
+    """Gene tokens `[B, L]` -> every vocabulary gene as a token: `(gene_ids [B, V], counts [B, V], mask [B, V])`,
+    count 0 for genes absent from the input, no padding."""
+    dense = counts.new_zeros(len(gene_ids), vocab_size + 1).scatter_add_(1, gene_ids, counts * attention_mask)
+    all_ids = torch.arange(1, vocab_size + 1, device=gene_ids.device).expand(len(gene_ids), -1)
+    return all_ids, dense[:, 1:], torch.ones_like(all_ids, dtype=torch.bool)
 
 
 def normalized_log1p(counts: torch.Tensor, library_size: torch.Tensor, target_sum: float) -> torch.Tensor:
@@ -227,6 +237,11 @@ class SCVAEModel(PreTrainedModel):
             nn.LayerNorm(hidden_size, eps=config.layer_norm_eps) if config.normalize_gene_embeddings else nn.Identity()
         )
         self.value_projection = nn.Linear(hidden_size + 1, hidden_size) if config.value_encoding == "concat" else None
+        self.count_embedding = (
+            SoftBinCountEmbedding(hidden_size, config.num_count_bins, config.count_bin_mlp_size)
+            if config.value_encoding == "soft_bins"
+            else None
+        )
         self.encoder = SCVAEEncoder(config)
         self.decoder = SCVAEDecoder(config)
         gene_dispersion = config.likelihood == "negative_binomial" and config.dispersion == "gene"
@@ -237,6 +252,8 @@ class SCVAEModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, SCVAEEncoder):
             init.normal_(module.latent_queries, mean=0.0, std=1.0)
+        elif isinstance(module, SoftBinCountEmbedding):
+            init.normal_(module.bin_embeddings, mean=0.0, std=1.0)
         elif isinstance(module, SCVAEModel) and module.log_inverse_dispersion is not None:
             init.zeros_(module.log_inverse_dispersion)
 
@@ -262,9 +279,13 @@ class SCVAEModel(PreTrainedModel):
         """Gene tokens `[B, L, H]` from `gene_ids [B, L]`, raw `counts [B, L]` and `library_size [B]`."""
         if self.config.count_transform == "normalized_log1p":
             values = normalized_log1p(counts, library_size, self.config.target_sum)
-        else:
+        elif self.config.count_transform == "log1p":
             values = torch.log1p(counts)
+        else:
+            values = counts
         embeddings = self.token_norm(self.gene_embedding(gene_ids))
+        if self.count_embedding is not None:
+            return embeddings + self.count_embedding(values)
         if self.value_projection is None:
             return embeddings * values.unsqueeze(-1)
         return self.value_projection(torch.cat([embeddings, values.unsqueeze(-1)], dim=-1))
@@ -294,6 +315,8 @@ class SCVAEModel(PreTrainedModel):
         attention_mask = attention_mask.bool()
         if library_size is None:
             library_size = (counts * attention_mask).sum(dim=-1)
+        if self.config.encode_all_genes:
+            gene_ids, counts, attention_mask = all_gene_tokens(gene_ids, counts, attention_mask, self.config.vocab_size)
         tokens = self.embed_gene_tokens(gene_ids, counts, library_size)
         key_padding_mask = attention_mask if self.config.mask_padding_tokens else None
         posterior_mean, posterior_logvar = self.encoder(tokens, key_padding_mask)
