@@ -28,7 +28,8 @@ def import_reference(package: str, source_dir: Path, submodules: list[str]) -> t
 
 
 def _kwargs(node: dict) -> dict:
-    return {key: value for key, value in node.items() if key != "_target_"}
+    """Constructor arguments of a Hydra node (without `_target_`, `_partial_`, ...)."""
+    return {key: value for key, value in node.items() if not key.startswith("_")}
 
 
 def build_reference(reference, config_path: Path):
@@ -70,3 +71,24 @@ def save_lightning_checkpoint(path: Path, input_layer, encoder, decoder, head, d
         state_dict |= {f"ema_model.ema_model.{key}": value for key, value in ema_dit.state_dict().items()}
         state_dict |= {"ema_model.initted": torch.tensor(True), "ema_model.step": torch.tensor(100)}
     torch.save({"state_dict": state_dict, "epoch": 3, "global_step": 100, "pytorch-lightning_version": "2.5.0"}, path)
+
+
+def reference_ode_sample(reference, guided_velocity, noise, condition, atol: float, rtol: float) -> torch.Tensor:
+    """The reference's dopri5 sample (`transport.integrators.ode` over t = 0 noise -> 1 data, 50 reported times) from
+    `noise`, with `guided_velocity(x, t, condition=...)` (e.g. a `forward_with_cfg`)."""
+    ode = reference.integrators.ode(lambda x, t, model, **kwargs: model(x, t, **kwargs), t0=0.0, t1=1.0,
+                                    sampler_type="dopri5", num_steps=50, atol=atol, rtol=rtol)
+    with torch.no_grad():
+        return ode.sample(noise, guided_velocity, condition=condition)[-1]
+
+
+def pipeline_latents(pipe, labels: dict[str, torch.Tensor], guidance_scale, seed: int) -> torch.Tensor:
+    """Latents `[B, T, D]` the converted pipeline samples for label ids `{name: [B]}` (label names are the ids, as
+    converted without --anndata), reporting the same 50 times as `reference_ode_sample`."""
+    return pipe(
+        conditions={name: [str(label) for label in ids.tolist()] for name, ids in labels.items()},
+        guidance_scale=guidance_scale,
+        num_inference_steps=49,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+    ).cells

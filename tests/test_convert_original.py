@@ -17,6 +17,7 @@ from scldm_hf.errors import CheckpointError
 from scldm_hf.pipelines import SCLDMPipeline
 
 from reference_code import REFERENCE_DIR, build_reference, import_reference, save_lightning_checkpoint
+from reference_code import pipeline_latents, reference_ode_sample
 
 NUM_GENES = 30
 CLASS_VOCAB_SIZES = {"cell_type": 3, "donor": 2}
@@ -102,21 +103,11 @@ def test_dopri5_sample_matches_the_reference_integrator(reference, tmp_path):
     num_cells, guidance = 4, {"cell_type": 2.0}
     labels = torch.tensor([0, 1, 2, 0])
     noise = torch.randn(num_cells, 16, 16, generator=torch.Generator().manual_seed(5))
-    ode = reference.integrators.ode(lambda x, t, model, **kwargs: model(x, t, **kwargs), t0=0.0, t1=1.0,
-                                    sampler_type="dopri5", num_steps=50, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        reference_sample = ode.sample(
-            torch.cat([noise, noise]),
-            lambda x, t, **kwargs: dit.forward_with_cfg(x, t, **kwargs, cfg_scale=guidance),
-            condition={"cell_type": torch.cat([labels, labels])},
-        )[-1][num_cells:]
-    sample = pipe(
-        conditions={"cell_type": [str(label) for label in labels.tolist()]},
-        guidance_scale=guidance,
-        num_inference_steps=49,
-        generator=torch.Generator().manual_seed(5),
-        output_type="latent",
-    ).cells
+    reference_sample = reference_ode_sample(
+        reference, lambda x, t, **kwargs: dit.forward_with_cfg(x, t, **kwargs, cfg_scale=guidance),
+        torch.cat([noise, noise]), {"cell_type": torch.cat([labels, labels])}, atol=1e-5, rtol=1e-5,
+    )[num_cells:]
+    sample = pipeline_latents(pipe, {"cell_type": labels}, guidance, seed=5)
     assert (sample - reference_sample).abs().max() <= 1e-4
 
 

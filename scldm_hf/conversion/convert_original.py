@@ -74,8 +74,8 @@ def resolve_interpolations(node, root: dict):
     return node
 
 
-def load_original_config(path: str | Path) -> dict:
-    """The `model` section of a released Hydra YAML (or a model-group YAML such as `vae_base.yaml` itself)."""
+def read_hydra_yaml(path: str | Path) -> dict:
+    """A Hydra YAML file as a dict, read as OmegaConf reads it (`1e-8` is a float), interpolations left as written."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Config {path} does not exist; pass the .yaml released next to the checkpoint.")
@@ -85,6 +85,12 @@ def load_original_config(path: str | Path) -> dict:
         raise CheckpointError(f"Config {path} is not valid YAML ({str(error).splitlines()[0]}).") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"Config {path} is not a YAML mapping; pass the Hydra config of the checkpoint.")
+    return config
+
+
+def load_original_config(path: str | Path) -> dict:
+    """The `model` section of a released Hydra YAML (or a model-group YAML such as `vae_base.yaml` itself)."""
+    config = read_hydra_yaml(path)
     model = config.get("model", config)
     root = {**config, "model": model}
     model = resolve_interpolations(model, root)
