@@ -198,8 +198,9 @@ def test_forward_loss_is_nb_nll_summed_over_genes_mean_over_cells(model):
         {"dispersion": "gene-cell"},
         {"likelihood": "gaussian"},
         {"kl_weight": 0.1},
+        {"value_encoding": "soft_bins", "count_transform": "none", "encode_all_genes": True},
     ],
-    ids=["concat-log1p", "gene-cell-dispersion", "gaussian-likelihood", "gaussian-posterior"],
+    ids=["concat-log1p", "gene-cell-dispersion", "gaussian-likelihood", "gaussian-posterior", "soft-bins-all-genes"],
 )
 def test_variants_train_end_to_end(overrides):
     model = tiny_model(**overrides).train()
@@ -211,6 +212,19 @@ def test_variants_train_end_to_end(overrides):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.gene_embedding.weight.grad.abs().sum() > 0
     assert output.mean.shape == (3, NUM_GENES) and (output.mean >= 0).all()
+
+
+@torch.no_grad()
+def test_encode_all_genes_reads_unexpressed_genes_as_zero_counts():
+    model = tiny_model(value_encoding="soft_bins", count_transform="none", encode_all_genes=True)
+    batch = token_batch(seed=8)
+    dense = torch.zeros(3, NUM_GENES + 1).scatter_(1, batch["gene_ids"], batch["counts"])[:, 1:]
+    all_genes = torch.arange(1, NUM_GENES + 1).expand(3, -1)
+    sparse_latents = model.encode(**batch).latents
+    dense_latents = model.encode(all_genes, dense, torch.ones_like(all_genes, dtype=torch.bool)).latents
+    torch.testing.assert_close(sparse_latents, dense_latents)
+    model.config.encode_all_genes = False  # the expressed genes alone: zero-count soft-bin tokens are not zero
+    assert (model.encode(**batch).latents - dense_latents).abs().max() > 1e-3
 
 
 def test_gaussian_posterior_samples_in_training_and_uses_mean_in_eval():

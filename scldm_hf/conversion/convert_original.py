@@ -158,6 +158,7 @@ def vae_config_from_original(model_config: dict, state_dict: dict[str, torch.Ten
     soft_bins = agg_func == "softbin"
     _require(_target_name(head) == "NegativeBinomialTransformerLayer", f"decoder head {head.get('_target_')}")
     _require(not encoder.get("bias", False), "biased VAE projections")
+    _require(encoder.get("latent_projection_type", "mlp") == "mlp", "a cross-attention latent projection")
     _require(decoder.get("shared_embedding", True) and not decoder.get("use_adaln", False), "a decoder gene table")
     cd4_head = _source_package(model_config) == CD4_PACKAGE  # CD4's head takes `t` but does not apply it
     _require(cd4_head or float(head.get("t", 1.0)) == 1.0, "a softmax temperature")
@@ -271,6 +272,7 @@ def dit_config_from_original(model_config: dict, state_dict: dict[str, torch.Ten
     """`LatentDiTTransformer` config reproducing the released `DiT` (`state_dict` without its prefix)."""
     dit = model_config["module"]["diffusion_model"]
     dit = dit.get("nnet", dit)  # CD4: FlowMatching(nnet=DiT)
+    _require(not dit.get("use_gpt_for_gene_ko", False), "GPT embeddings of the perturbed gene")
     transport = model_config["module"].get("transport", {})
     _require(transport.get("path_type", "Linear") == "Linear", f"transport path {transport.get('path_type')!r}")
     _require(transport.get("prediction", "velocity") == "velocity", f"prediction {transport.get('prediction')!r}")
