@@ -1,4 +1,4 @@
-"""The ``scldm`` command line: convert, convert-original, train, generate, evaluate.
+"""The ``scldm`` command line: convert, convert-original, push-corpus, train, generate, evaluate.
 
 Every ``SCLDMError`` is printed as one line (``error: ...``) with exit code 2; ``--debug`` shows the traceback.
 """
@@ -156,6 +156,13 @@ def _convert_original(args) -> str:
     return f"converted {args.checkpoint} into {output}"
 
 
+def _push_corpus(args) -> str:
+    from scldm_hf.data.hub import push_corpus_to_hub
+
+    url = push_corpus_to_hub(args.corpus_dir, args.repo_id, private=args.private)
+    return f"corpus {args.corpus_dir} pushed to {url}"
+
+
 def _train(args) -> str:
     from scldm_hf.workflows import run_stage
 
@@ -193,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     original.add_argument("--base-model", help="Hub id recorded as base_model in the card, e.g. biohub/scldm_cd4")
     original.add_argument("--output", required=True, help="folder to write the pipeline to")
     original.set_defaults(run=_convert_original)
+
+    push_corpus = add_command("push-corpus", "upload a corpus folder as a Hub dataset repo (train with --data REPO_ID)")
+    push_corpus.add_argument("corpus_dir", help="a corpus folder written by `scldm convert`")
+    push_corpus.add_argument("repo_id", help="the Hub dataset repo to create or update, e.g. you/pbmc-cells")
+    push_corpus.add_argument("--private", action="store_true", help="create the repo as private")
+    push_corpus.set_defaults(run=_push_corpus)
 
     train = commands.add_parser("train", help="train a stage; `scldm train <stage> --help` lists its "
                                 "options (the same as training/train_<stage>.py)")

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError, RevisionNotFoundError
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from .data.hub import hub_snapshot, looks_like_local_path
 from .data.vocab import VOCAB_FILE_NAME, GeneVocab
 from .errors import CheckpointError
 
@@ -35,21 +34,14 @@ def resolve_model_path(name_or_path: str | PathLike, local_files_only: bool = Fa
     """A local folder, or the Hub snapshot folder of a repo id at `revision` (branch, tag or commit; default the
     default branch), from the cache when offline. A path-like name that is not a folder raises."""
     path = Path(name_or_path)
-    looks_like_path = path.is_absolute() or str(name_or_path).startswith(".") or len(path.parts) > 2
-    if path.exists() or looks_like_path:
+    if looks_like_local_path(name_or_path):
         if not path.is_dir():
             raise CheckpointError(
                 f"No model folder at {path}: pass the folder written by save_pretrained (or a Hub repo id)."
             )
         return path
-    try:
-        return Path(snapshot_download(str(name_or_path), revision=revision, local_files_only=local_files_only))
-    except (LocalEntryNotFoundError, RevisionNotFoundError) as error:
-        at = f" at revision {revision!r}" if revision else ""
-        raise CheckpointError(
-            f"{name_or_path!r}{at} is neither a local folder nor a Hub repo in the local cache ({error}); pass the "
-            "folder of a saved model, or download the repo once with `hf download <repo_id>`."
-        ) from error
+    return hub_snapshot(str(name_or_path), "model", revision, local_files_only, error=CheckpointError,
+                        fix="pass the folder of a saved model")
 
 
 def check_safetensors_file(path: str | PathLike) -> dict[str, tuple[int, ...]]:

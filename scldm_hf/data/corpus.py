@@ -44,6 +44,7 @@ from ..validation import (
     check_vocab_overlap,
     iter_row_chunks,
 )
+from .hub import resolve_corpus_dir
 from .vocab import GeneVocab
 
 CORPUS_FILE_NAME = "corpus.json"
@@ -443,14 +444,17 @@ def _write_shards(
         shard.rename(directory / f"data-{index:05d}-of-{len(shards):05d}.arrow")
 
 
-def load_corpus(path: str | PathLike, streaming: bool = False) -> tuple[datasets.Dataset | datasets.IterableDataset, CorpusInfo]:
-    """Open a corpus folder written by :func:`anndata_to_corpus`.
+def load_corpus(path: str | PathLike, streaming: bool = False,
+                revision: str | None = None) -> tuple[datasets.Dataset | datasets.IterableDataset, CorpusInfo]:
+    """Open a corpus folder written by :func:`anndata_to_corpus`, or a Hub dataset repo id holding one (pushed by
+    :func:`~scldm_hf.data.hub.push_corpus_to_hub`) at `revision`, from the local cache when offline.
 
     ``streaming=False`` memory-maps the shards into a ``Dataset``; ``streaming=True`` returns an ``IterableDataset``
     reading the shard files record batch by record batch (each file is one of its ``num_shards``, so
     ``split_dataset_by_node`` and DataLoader workers split it by file). Both split across processes with
     ``datasets.distributed.split_dataset_by_node``.
     """
+    path = resolve_corpus_dir(path, revision)
     info = CorpusInfo.load(path)
     shards = sorted(str(shard) for shard in Path(path).glob(SHARD_GLOB))
     if not shards:

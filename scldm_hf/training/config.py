@@ -69,8 +69,11 @@ class TrainingConfig:
     """Options shared by every stage: data, optimisation, checkpoints, logging, Hub."""
 
     output_dir: str = field(metadata={"help": "Where the trained model, checkpoints (checkpoints/) and logs (logs/) go."})
-    data: str = field(metadata={"help": "A corpus folder (anndata_to_corpus), an .h5ad file of raw counts (converted "
-                                        "into <output_dir>/corpus first) or a built-in data set (pbmc68k)."})
+    data: str = field(metadata={"help": "A corpus folder (anndata_to_corpus), the Hub dataset id of one (org/name, "
+                                        "push_corpus_to_hub), an .h5ad file of raw counts (converted into "
+                                        "<output_dir>/corpus first) or a built-in data set (pbmc68k)."})
+    data_revision: str | None = field(default=None, metadata={
+        "help": "Branch, tag or commit of a Hub dataset id given as data (None: main)."})
     covariates: list[str] = field(default_factory=list, metadata={
         "help": "obs columns kept when data is an .h5ad file (space-separated on the command line)."})
     layer: str | None = field(default=None, metadata={"help": "Layer of the .h5ad holding raw counts (None: X)."})

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from scldm_hf.data import CorpusInfo, GeneVocab, anndata_to_corpus, encode_dataset, load_corpus, load_pbmc68k_counts
 from scldm_hf.data.corpus import CORPUS_FILE_NAME
+from scldm_hf.data.hub import hub_id, resolve_corpus_dir
 from scldm_hf.errors import ConditionError, ConfigurationError, InputDataError, VocabularyError
 
 from .config import TrainingConfig
@@ -37,7 +38,7 @@ def prepare_corpus(
 ) -> tuple[datasets.Dataset, CorpusInfo]:
     """Open ``config.data`` as a corpus; with a `vocab`, its genes must be exactly that vocabulary.
 
-    A corpus folder is used as is. An ``.h5ad`` file or a built-in name (``pbmc68k``) is converted once, by the main
+    A corpus folder, or the Hub dataset id of one (at ``config.data_revision``), is used as is. An ``.h5ad`` file or a built-in name (``pbmc68k``) is converted once, by the main
     process, into ``<output_dir>/corpus`` with `covariates` (default ``config.covariates``; a mapping fixes the label
     order) and reused by later runs in the same output folder (e.g. after a crash) while the file (path, size,
     modification time), covariates, layer and vocabulary are unchanged; otherwise it is converted again.
@@ -45,11 +46,14 @@ def prepare_corpus(
     source = Path(config.data)
     if (source / CORPUS_FILE_NAME).is_file():
         corpus_dir = source
+    elif hub_id(config.data):
+        corpus_dir = resolve_corpus_dir(config.data, config.data_revision)
     else:
         if config.data not in BUILTIN_DATASETS and not (source.is_file() and source.suffix == ".h5ad"):
             raise ConfigurationError(
-                f"data={config.data!r} is neither a corpus folder (with {CORPUS_FILE_NAME}), an .h5ad file nor one of "
-                f"{sorted(BUILTIN_DATASETS)}; convert your AnnData with `scldm convert in.h5ad corpus_dir`."
+                f"data={config.data!r} is neither a corpus folder (with {CORPUS_FILE_NAME}), the Hub dataset id of "
+                f"one, an .h5ad file nor one of {sorted(BUILTIN_DATASETS)}; convert your AnnData with "
+                "`scldm convert in.h5ad corpus_dir`."
             )
         corpus_dir = Path(config.output_dir) / "corpus"
         chosen = config.covariates if covariates is None else covariates

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
 from scldm_hf.data import CorpusInfo
+from scldm_hf.data.hub import hub_id
 from scldm_hf.resources import resource_dir
 
 from .config import TrainingConfig, config_to_dict
@@ -23,17 +22,6 @@ PIPELINE_TEMPLATE = TEMPLATE_DIR / "scldm_pipeline.md"
 CARD_TAGS = ["single-cell", "scRNA-seq", "biology", "generative", "scldm"]
 # Hub task of each library's model: the VAE embeds cells; the Hub has no task for generating cells.
 PIPELINE_TAGS = {"transformers": "feature-extraction", "diffusers": "other"}
-
-
-def hub_id(name_or_path: str | None) -> str | None:
-    """`name_or_path` if it names a Hub repo (``org/name``, not a local folder or file), else None."""
-    if not name_or_path or Path(name_or_path).exists() or Path(name_or_path).is_absolute():
-        return None
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        return None
-    return name_or_path if name_or_path.count("/") == 1 else None
 
 
 def portable(value):
