@@ -1,4 +1,4 @@
-"""The ``scldm`` command line: convert, convert-original, push-corpus, train, generate, evaluate.
+"""The ``scldm`` command line: convert, convert-atlas, convert-original, push-corpus, train, generate, evaluate.
 
 Every ``SCLDMError`` is printed as one line (``error: ...``) with exit code 2; ``--debug`` shows the traceback.
 """
@@ -62,6 +62,17 @@ def _convert(args) -> str:
         min_vocab_overlap=min_overlap, overwrite=args.overwrite,
     )
     return f"corpus of {info.num_cells} cells x {len(info.measured_gene_ids)} genes written to {args.output_dir}"
+
+
+def _convert_atlas(args) -> str:
+    from dataclasses import fields
+
+    from scldm_hf.data.atlas import TokenValueLayout, token_values_to_corpus
+
+    layout = TokenValueLayout(**{field.name: getattr(args, field.name) for field in fields(TokenValueLayout)})
+    info = token_values_to_corpus(args.repo_id, args.output_dir, covariates=args.covariate, layout=layout,
+                                  revision=args.revision, overwrite=args.overwrite)
+    return f"corpus of {info.num_cells} cells x {len(info.genes)} genes written to {args.output_dir}"
 
 
 def _generate(args) -> str:
@@ -189,6 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
                          help="minimum fraction of vocabulary genes the data must measure (None: 0.01)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     convert.set_defaults(run=_convert)
+
+    atlas = add_command("convert-atlas", "Hub atlas of token/value rows + gene table (Tahoe-100M, scGPT layout) -> "
+                        "datasets corpus folder")
+    atlas.add_argument("repo_id", help="the Hub dataset repo, e.g. tahoebio/Tahoe-100M (from the cache when offline)")
+    atlas.add_argument("output_dir", help="the corpus folder to write (must not exist)")
+    atlas.add_argument("--covariate", action="append", default=[], help="cell annotation column to keep (repeatable)")
+    atlas.add_argument("--revision", default=None, help="Hub branch, tag or commit of the repo (None: main)")
+    atlas.add_argument("--expression-config", default="expression_data",
+                       help="dataset config (dataset card `configs`) of the cell rows")
+    atlas.add_argument("--gene-config", default="gene_metadata", help="dataset config of the gene table")
+    atlas.add_argument("--token-column", default="genes", help="cell column of gene token ids (list of int)")
+    atlas.add_argument("--value-column", default="expressions", help="cell column of their raw counts (list)")
+    atlas.add_argument("--gene-token-column", default="token_id", help="gene table column of the token ids")
+    atlas.add_argument("--gene-name-column", default="gene_symbol",
+                       help="gene table column naming the genes of the corpus (e.g. ensembl_id)")
+    atlas.add_argument("--cell-id-column", default=None,
+                       help="cell column of unique cell ids, e.g. BARCODE_SUB_LIB_ID (None: row numbers)")
+    atlas.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    atlas.set_defaults(run=_convert_atlas)
 
     original = add_command("convert-original", "released scLDM .ckpt + Hydra .yaml -> SCLDMPipeline folder")
     original.add_argument("checkpoint", help="Lightning .ckpt (or .safetensors) of the released model")

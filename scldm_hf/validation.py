@@ -76,10 +76,11 @@ def _cell_of_value(chunk: sp.csr_matrix, value_index: int, obs_names: Sequence[s
     return str(obs_names[np.searchsorted(chunk.indptr, value_index, side="right") - 1])
 
 
-def check_count_chunk(chunk: sp.csr_matrix, obs_names: Sequence[str], where: str = "X") -> None:
+def check_count_chunk(chunk: sp.csr_matrix, obs_names: Sequence[str], where: str = "X",
+                      fix: str = RAW_COUNTS_FIX) -> None:
     """Check that a CSR row chunk ``[n_cells, n_vars]`` holds finite, non-negative integer counts.
 
-    ``obs_names`` are the chunk's cell names, used to say where the first bad value is.
+    ``obs_names`` are the chunk's cell names, used to say where the first bad value is; `fix` ends the message.
     """
     check_matrix_dtype(chunk.dtype, where)
     values = chunk.data
@@ -88,7 +89,7 @@ def check_count_chunk(chunk: sp.csr_matrix, obs_names: Sequence[str], where: str
         if bad.size:
             raise InputDataError(
                 f"{where} holds NaN or infinite values (first in cell {_cell_of_value(chunk, bad[0], obs_names)!r}): "
-                f"counts must be finite; {RAW_COUNTS_FIX}."
+                f"counts must be finite; {fix}."
             )
     if values.dtype.kind in "if":
         bad = np.flatnonzero(values < 0)
@@ -96,14 +97,14 @@ def check_count_chunk(chunk: sp.csr_matrix, obs_names: Sequence[str], where: str
             raise InputDataError(
                 f"{where} holds negative values (e.g. {values[bad[0]]:g} in cell "
                 f"{_cell_of_value(chunk, bad[0], obs_names)!r}): counts must be >= 0, this looks scaled or centred; "
-                f"{RAW_COUNTS_FIX}."
+                f"{fix}."
             )
     if values.dtype.kind == "f":
         bad = np.flatnonzero(values != np.round(values))
         if bad.size:
             raise InputDataError(
                 f"{where} holds non-integer values (e.g. {values[bad[0]]:g} in cell "
-                f"{_cell_of_value(chunk, bad[0], obs_names)!r}): this looks log-normalised or scaled: {RAW_COUNTS_FIX}."
+                f"{_cell_of_value(chunk, bad[0], obs_names)!r}): this looks log-normalised or scaled: {fix}."
             )
 
 
@@ -361,9 +362,10 @@ def check_panel_counts(panel_counts: torch.Tensor, expected_shape: tuple[int, ..
 MAX_COUNT = int(np.iinfo(np.int32).max)  # counts are stored as int32 (docs/DESIGN.md, dataset rows)
 
 
-def check_count_range(chunk: sp.csr_matrix, obs_names: Sequence[str], where: str = "X") -> None:
+def check_count_range(chunk: sp.csr_matrix, obs_names: Sequence[str], where: str = "X",
+                      fix: str = RAW_COUNTS_FIX) -> None:
     """Raise ``InputDataError`` if a CSR row chunk ``[n_cells, n_vars]`` holds a count above ``MAX_COUNT``, which the
-    int32 count columns cannot store (it would wrap around to a negative or zero count)."""
+    int32 count columns cannot store (it would wrap around to a negative or zero count); `fix` ends the message."""
     values = chunk.data
     if values.size and values.dtype.kind in "iuf":
         bad = np.flatnonzero(values > MAX_COUNT)
@@ -371,7 +373,7 @@ def check_count_range(chunk: sp.csr_matrix, obs_names: Sequence[str], where: str
             raise InputDataError(
                 f"{where} holds counts above {MAX_COUNT} (e.g. {values[bad[0]]:g} in cell "
                 f"{_cell_of_value(chunk, bad[0], obs_names)!r}), more than one gene of one cell can have: the "
-                f"matrix is corrupted or not counts; {RAW_COUNTS_FIX}."
+                f"matrix is corrupted or not counts; {fix}."
             )
 
 
