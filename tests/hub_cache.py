@@ -1,7 +1,7 @@
 """A Hugging Face cache filled the way downloads fill it, for offline loads by repo id (no network in tests).
 
 `FakeHubApi` replaces `huggingface_hub.HfApi` where the package pushes: `upload_folder` commits the folder into
-`<cache>/models--org--name/` as `snapshot_download` leaves a repo: content-addressed `blobs/`, `refs/<branch or tag>`,
+`<cache>/models--org--name/` (`datasets--org--name/` with `repo_type="dataset"`) as `snapshot_download` leaves a repo: content-addressed `blobs/`, `refs/<branch or tag>`,
 `snapshots/<commit>/` of symlinks and the repo file listing `trees/<commit>.json` that huggingface_hub and diffusers
 read offline. Only the network is replaced; every load through this cache is a real offline cache load.
 """

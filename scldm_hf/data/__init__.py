@@ -11,7 +11,7 @@ from .corpus import (
     load_corpus,
 )
 from .datasets_pbmc import load_pbmc68k_counts
-from .encoding import encode_dataset
+from .encoding import encode_batches, encode_dataset
 from .vocab import GeneVocab
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "cell_features",
     "cells_to_corpus",
     "cells_to_h5ad",
+    "encode_batches",
     "encode_dataset",
     "load_corpus",
     "load_pbmc68k_counts",

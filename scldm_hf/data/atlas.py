@@ -33,9 +33,9 @@ from .corpus import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_SHARD_SIZE,
     CorpusInfo,
-    _covariate_codes,
-    _release_freed_memory,
     cells_to_corpus,
+    covariate_codes,
+    release_freed_memory,
 )
 from .hub import hub_snapshot
 from .vocab import GeneVocab
@@ -54,15 +54,19 @@ class TokenValueLayout:
     cell_id_column: str | None = None  # None: row numbers
 
 
-def config_files(snapshot: Path, card: DatasetCard, config_name: str) -> list[str]:
-    """The local data files of `config_name` (every split), resolved from the dataset card's ``configs``."""
+def config_patterns(card: DatasetCard, config_name: str, repo_id: str) -> dict[str, list[str]]:
+    """``{split: data file patterns}`` of `config_name` in the dataset card's ``configs``."""
     configs = MetadataConfigs.from_dataset_card_data(card.data)
     if config_name not in configs or "data_files" not in configs[config_name]:
         raise ConfigurationError(
-            f"The dataset card of {snapshot.name} has no config {config_name!r} with data_files (configs: "
+            f"The dataset card of {repo_id} has no config {config_name!r} with data_files (configs: "
             f"{', '.join(map(repr, configs)) or 'none'}); name the right one with --expression-config/--gene-config."
         )
-    patterns = sanitize_patterns(configs[config_name]["data_files"])
+    return sanitize_patterns(configs[config_name]["data_files"])
+
+
+def local_files(snapshot: Path, patterns: dict[str, list[str]]) -> list[str]:
+    """The files of every split matching `patterns` in `snapshot`, resolved as ``datasets.load_dataset`` does."""
     files = DataFilesDict.from_patterns(patterns, base_path=str(snapshot))
     return sorted(str(path) for split in files.values() for path in split)
 
@@ -105,16 +109,12 @@ def token_values_to_corpus(
     fix = "check the repo id and revision"
     card_path = hub_snapshot(repo_id, "dataset", revision, local_files_only, ["README.md"], fix=fix) / "README.md"
     card = DatasetCard.load(card_path) if card_path.is_file() else DatasetCard("")
-    patterns = [
-        pattern for config in (layout.expression_config, layout.gene_config)
-        for split in sanitize_patterns(MetadataConfigs.from_dataset_card_data(card.data)
-                                       .get(config, {}).get("data_files", [])).values()
-        for pattern in split
-    ]
+    configs = {name: config_patterns(card, name, repo_id) for name in (layout.expression_config, layout.gene_config)}
+    patterns = [pattern for config in configs.values() for split in config.values() for pattern in split]
     snapshot = hub_snapshot(repo_id, "dataset", revision, local_files_only, ["README.md", *patterns], fix=fix)
-    vocab, vocab_id_of_token = read_gene_table(config_files(snapshot, card, layout.gene_config), layout,
+    vocab, vocab_id_of_token = read_gene_table(local_files(snapshot, configs[layout.gene_config]), layout,
                                                f"{repo_id} ({layout.gene_config})")
-    cells = pads.dataset(config_files(snapshot, card, layout.expression_config), format="parquet")
+    cells = pads.dataset(local_files(snapshot, configs[layout.expression_config]), format="parquet")
     _check_columns(cells.schema, [layout.token_column, layout.value_column, *covariates,
                                   *([layout.cell_id_column] if layout.cell_id_column else [])], repo_id, layout)
     labels = {name: sorted(set(_unique_labels(cells, name))) for name in covariates}
@@ -161,11 +161,11 @@ def _cell_batches(cells: pads.Dataset, layout: TokenValueLayout, vocab_id_of_tok
             check_count_range(counts, row_names, where, fix)
             counts.sum_duplicates()
             empty_cells.extend(np.asarray(cell_ids)[np.diff(counts.indptr) == 0])
-            codes = _covariate_codes(batch.select(list(labels)).to_pandas(), labels)[1] if labels else {}
+            codes = covariate_codes(batch.select(list(labels)).to_pandas(), labels)[1] if labels else {}
             yield cell_ids, counts.astype(np.int32), codes
             first_row += batch.num_rows
             progress.update(batch.num_rows)
-            _release_freed_memory()
+            release_freed_memory()
     check_no_empty_cells(empty_cells, over=" over the genes of the gene table")
 
 

@@ -64,7 +64,7 @@ except (OSError, AttributeError, TypeError):
     _malloc_trim = None
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Without this, the per-chunk numpy/scipy temporaries fragment glibc's heap and the peak RSS of a conversion
     creeps up with the number of chunks (+20% from 20k to 200k cells in benchmarks/bench_data.py)."""
     if _malloc_trim is not None:
@@ -154,7 +154,7 @@ def _open_counts(adata_or_path: ad.AnnData | str | PathLike, layer: str | None) 
         yield _CountSource(matrix, obs, var_names, where, str(path.resolve()))
 
 
-def _covariate_codes(obs: pd.DataFrame, covariates: Covariates) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+def covariate_codes(obs: pd.DataFrame, covariates: Covariates) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
     """Label names (sorted, unless given) and per-cell ClassLabel ids ``[n_obs]`` of each covariate column."""
     if isinstance(covariates, str):
         covariates = (covariates,)
@@ -191,7 +191,7 @@ class _CellBatches:
         gene_ids = vocab.map_var_names(source.var_names)
         measured_columns = np.flatnonzero(gene_ids)
         check_vocab_overlap(measured_columns.size / len(vocab), min_vocab_overlap)
-        covariate_labels, self._covariate_codes = _covariate_codes(source.obs, covariates)
+        covariate_labels, self._covariate_codes = covariate_codes(source.obs, covariates)
 
         self.source = source
         # Data columns in ascending vocab id order, genes outside the vocabulary left out (None: already so).
@@ -223,7 +223,7 @@ class _CellBatches:
             empty_cells.extend(self._obs_names[cells][np.diff(chunk.indptr) == 0])
             labels = {name: codes[cells] for name, codes in self._covariate_codes.items()}
             yield _record_batch(self._obs_names[cells], chunk, self._measured_ids, labels, self.features)
-            _release_freed_memory()
+            release_freed_memory()
         check_no_empty_cells(empty_cells, over=f" over the {self._measured_ids.size} measured vocabulary genes")
 
 
@@ -286,7 +286,7 @@ def anndata_to_corpus(
     with staged_output(output_dir, overwrite) as staging:
         with _open_counts(adata_or_path, layer) as source:
             batches = _CellBatches(source, vocab, covariates, min_vocab_overlap)
-            _write_shards(batches(chunk_size), batches.features, staging, max_shard_bytes)
+            write_arrow_shards(batches(chunk_size), batches.features, staging, max_shard_bytes)
         datasets.DatasetInfo(features=batches.features).write_to_directory(staging)
         batches.info.save(staging)
     return batches.info
@@ -315,7 +315,7 @@ def cells_to_corpus(
             yield _record_batch(cell_ids, counts.astype(np.int32), gene_ids, codes, features)
 
     with staged_output(output_dir, overwrite) as staging:
-        _write_shards(record_batches(), features, staging, convert_file_size_to_int(max_shard_size))
+        write_arrow_shards(record_batches(), features, staging, convert_file_size_to_int(max_shard_size))
         datasets.DatasetInfo(features=features).write_to_directory(staging)
         info = CorpusInfo(genes=list(genes), measured_gene_ids=gene_ids.tolist(),
                           covariates={name: list(labels) for name, labels in covariate_labels.items()},
@@ -422,7 +422,7 @@ def _process_runs(pid: int) -> bool:
     return True
 
 
-def _write_shards(
+def write_arrow_shards(
     batches: Iterator[pa.RecordBatch], features: datasets.Features, directory: Path, max_shard_bytes: int
 ) -> None:
     """Stream ``batches`` into Arrow IPC stream files of about ``max_shard_bytes``, named ``data-XXXXX-of-YYYYY.arrow``."""
@@ -462,5 +462,10 @@ def load_corpus(path: str | PathLike, streaming: bool = False,
     if streaming:
         dataset = datasets.load_dataset("arrow", data_files=shards, split="train", streaming=True)
     else:
-        dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(shard) for shard in shards])
+        dataset = open_arrow_shards(shards)
     return dataset, info
+
+
+def open_arrow_shards(shards: Sequence[str | PathLike]) -> datasets.Dataset:
+    """One ``Dataset`` memory-mapping the Arrow stream files `shards` (written by :func:`write_arrow_shards`), in order."""
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(shard)) for shard in shards])

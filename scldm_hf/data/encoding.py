@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import anndata as ad
 import datasets
 import numpy as np
@@ -13,16 +15,15 @@ from .collator import CellCollator
 from .corpus import anndata_to_dataset
 
 
-@torch.no_grad()
-def encode_dataset(
+def encode_batches(
     vae,
     dataset: datasets.Dataset | ad.AnnData,
     batch_size: int = 256,
     collator: CellCollator | None = None,
     show_progress: bool = True,
-) -> np.ndarray:
-    """Encode every cell of a dataset (rows as in docs/DESIGN.md) or AnnData of counts with `vae` (an
-    `SCVAEModel`) -> latents `[N, T, D]`.
+) -> Iterator[np.ndarray]:
+    """Encode the cells of a dataset (rows as in docs/DESIGN.md) or AnnData of counts with `vae` (an `SCVAEModel`),
+    in row order, yielding latents `[b, T, D]` per batch of `batch_size` cells.
 
     Uses posterior means (no sampling). An AnnData is first mapped onto the model's gene vocabulary.
     """
@@ -31,14 +32,19 @@ def encode_dataset(
     # encoding decodes nothing, so the default collator builds no panel
     collator = collator or CellCollator(panel_gene_ids=[])
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
-    latents = []
     for batch in tqdm(loader, desc="Encoding cells", unit="batch", disable=not show_progress):
-        encoded = vae.encode(
-            batch["gene_ids"].to(vae.device),
-            batch["counts"].to(vae.device),
-            batch["attention_mask"].to(vae.device),
-            library_size=batch["library_size"].to(vae.device),
-            sample_posterior=False,
-        )
-        latents.append(encoded.latents.cpu().numpy())
-    return np.concatenate(latents, axis=0)
+        with torch.no_grad():
+            encoded = vae.encode(
+                batch["gene_ids"].to(vae.device),
+                batch["counts"].to(vae.device),
+                batch["attention_mask"].to(vae.device),
+                library_size=batch["library_size"].to(vae.device),
+                sample_posterior=False,
+            )
+        yield encoded.latents.cpu().numpy()
+
+
+def encode_dataset(vae, dataset: datasets.Dataset | ad.AnnData, **options) -> np.ndarray:
+    """Latents `[N, T, D]` of every cell, in memory: :func:`encode_batches` (same `options`: batch_size, collator,
+    show_progress) concatenated."""
+    return np.concatenate(list(encode_batches(vae, dataset, **options)), axis=0)

@@ -3,20 +3,29 @@
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import anndata as ad
 import datasets
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import scipy.sparse as sp
 import torch
 from accelerate import Accelerator
+from datasets.utils.py_utils import convert_file_size_to_int
 from torch.utils.data import DataLoader
 
-from scldm_hf.data import CorpusInfo, GeneVocab, anndata_to_corpus, encode_dataset, load_corpus, load_pbmc68k_counts
-from scldm_hf.data.corpus import CORPUS_FILE_NAME
+from scldm_hf.data import CorpusInfo, GeneVocab, anndata_to_corpus, load_corpus, load_pbmc68k_counts
+from scldm_hf.data.corpus import (
+    CORPUS_FILE_NAME,
+    DEFAULT_MAX_SHARD_SIZE,
+    SHARD_GLOB,
+    open_arrow_shards,
+    write_arrow_shards,
+)
+from scldm_hf.data.encoding import encode_batches
 from scldm_hf.data.hub import hub_id, resolve_corpus_dir
 from scldm_hf.errors import ConditionError, ConfigurationError, InputDataError, VocabularyError
 
@@ -165,10 +174,12 @@ class LatentCollator:
 def encode_latent_cache(
     vae, dataset: datasets.Dataset, info: CorpusInfo, output_dir: str | Path, batch_size: int, accelerator: Accelerator
 ) -> datasets.Dataset:
-    """Encode every cell once with the frozen `vae` into ``<output_dir>/latent_cache`` (Arrow) and open it.
+    """Encode every cell once with the frozen `vae` into ``<output_dir>/latent_cache`` and open it memory-mapped.
 
     Rows keep ``cell_id``, ``library_size`` and the covariate columns and add ``latents [T, D]`` (float32). The main
-    process encodes and writes atomically; the cache is reused while the VAE weights and the cells are unchanged.
+    process writes each encoded batch straight into Arrow shards (``data-XXXXX-of-YYYYY.arrow``, as a corpus), so
+    neither encoding nor training holds the latents of all cells in memory; the folder is written atomically and
+    reused while the VAE weights and the cells are unchanged.
     """
     cache_dir = Path(output_dir) / LATENT_CACHE_DIR
     key = {
@@ -179,20 +190,32 @@ def encode_latent_cache(
     with accelerator.main_process_first():
         if accelerator.is_main_process and not _cache_matches(cache_dir, key, LATENT_CACHE_KEY_FILE):
             vae.eval()
-            latents = encode_dataset(vae, dataset, batch_size=batch_size).astype(np.float32)
-            latent_column = datasets.Dataset.from_dict(
-                {"latents": latents},
-                features=datasets.Features({"latents": datasets.Array2D(shape=latents.shape[1:], dtype="float32")}),
-            )
-            kept_columns = ["cell_id", "library_size", *info.covariates]
-            cache = datasets.concatenate_datasets([dataset.select_columns(kept_columns), latent_column], axis=1)
             staging = cache_dir.with_name(f".{LATENT_CACHE_DIR}.tmp")
             shutil.rmtree(staging, ignore_errors=True)
-            cache.save_to_disk(str(staging))
+            staging.mkdir(parents=True)
+            features, batches = _latent_record_batches(vae, dataset, info, batch_size)
+            write_arrow_shards(batches, features, staging, convert_file_size_to_int(DEFAULT_MAX_SHARD_SIZE))
             (staging / LATENT_CACHE_KEY_FILE).write_text(json.dumps(key))
             shutil.rmtree(cache_dir, ignore_errors=True)
             staging.rename(cache_dir)
-    return datasets.load_from_disk(str(cache_dir))
+    return open_arrow_shards(sorted(cache_dir.glob(SHARD_GLOB)))
+
+
+def _latent_record_batches(vae, dataset: datasets.Dataset, info: CorpusInfo, batch_size: int,
+                           ) -> tuple[datasets.Features, Iterator[pa.RecordBatch]]:
+    """Features of a latent-cache row and its Arrow record batches, one per encoded batch of `batch_size` cells."""
+    kept_columns = ["cell_id", "library_size", *info.covariates]
+    latent_shape = (vae.config.num_latent_tokens, vae.config.latent_dim)
+    features = datasets.Features({**{name: dataset.features[name] for name in kept_columns},
+                                  "latents": datasets.Array2D(shape=latent_shape, dtype="float32")})
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        rows = dataset.select_columns(kept_columns).iter(batch_size=batch_size)
+        for columns, latents in zip(rows, encode_batches(vae, dataset, batch_size=batch_size), strict=True):
+            encoded = datasets.Dataset.from_dict({**columns, "latents": latents.astype(np.float32)}, features=features)
+            yield from encoded.data.table.to_batches()
+
+    return features, batches()
 
 
 def _cache_matches(cache_dir: Path, key: dict, key_file_name: str) -> bool:

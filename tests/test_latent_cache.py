@@ -1,0 +1,49 @@
+"""Stage 2's latent cache is written into Arrow shards batch by batch while encoding and read back memory-mapped,
+with the latents `encode_dataset` computes in memory."""
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from scldm_hf.data import encode_dataset
+from scldm_hf.models import SCVAEConfig, SCVAEModel
+from scldm_hf.training import data as training_data
+from scldm_hf.training.data import LATENT_CACHE_DIR, encode_latent_cache
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+NUM_CELLS, BATCH_SIZE = 150, 32
+
+
+@pytest.fixture(scope="module")
+def cells(pbmc_dataset):
+    dataset, info = pbmc_dataset
+    return dataset.select(range(NUM_CELLS)), info
+
+
+@pytest.fixture(scope="module")
+def vae(cells):
+    torch.manual_seed(0)
+    model = SCVAEModel(SCVAEConfig(gene_names=cells[1].genes, hidden_size=16, num_latent_tokens=3, latent_dim=4,
+                                   encoder_layers=1, decoder_layers=1, encoder_cross_attention_heads=2,
+                                   decoder_cross_attention_heads=2, num_attention_heads=2))
+    return model.eval()
+
+
+def test_latent_cache_is_sharded_memory_mapped_and_holds_the_in_memory_latents(cells, vae, tmp_path, monkeypatch):
+    dataset, info = cells
+    monkeypatch.setattr(training_data, "DEFAULT_MAX_SHARD_SIZE", "4KB")  # several shards from 150 cells
+    cache = encode_latent_cache(vae, dataset, info, tmp_path, BATCH_SIZE, Accelerator(cpu=True))
+    shards = sorted(str(path) for path in (tmp_path / LATENT_CACHE_DIR).glob("data-*-of-*.arrow"))
+    assert len(shards) > 1 and [file["filename"] for file in cache.cache_files] == shards
+    expected = encode_dataset(vae, dataset, batch_size=BATCH_SIZE, show_progress=False)
+    np.testing.assert_array_equal(cache.with_format("numpy")["latents"], expected)
+    for column in ("cell_id", "library_size", "cell_type"):
+        assert cache[column] == dataset[column]
+    assert cache.features["cell_type"] == dataset.features["cell_type"]
+
+    mtimes = [(tmp_path / LATENT_CACHE_DIR / path).stat().st_mtime_ns for path in shards]
+    reopened = encode_latent_cache(vae, dataset, info, tmp_path, BATCH_SIZE, Accelerator(cpu=True))
+    assert [(tmp_path / LATENT_CACHE_DIR / path).stat().st_mtime_ns for path in shards] == mtimes
+    np.testing.assert_array_equal(reopened.with_format("numpy")["latents"], expected)
