@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     atlas = add_command("convert-atlas", "Hub atlas of token/value rows + gene table (Tahoe-100M, scGPT layout) -> "
                         "datasets corpus folder")
-    atlas.add_argument("repo_id", help="the Hub dataset repo, e.g. tahoebio/Tahoe-100M (from the cache when offline)")
+    atlas.add_argument("repo_id", help="the Hub dataset repo, e.g. tahoebio/Tahoe-100M (from the cache when offline), "
+                       "or a local copy of one")
     atlas.add_argument("output_dir", help="the corpus folder to write (must not exist)")
     atlas.add_argument("--covariate", action="append", default=[], help="cell annotation column to keep (repeatable)")
     atlas.add_argument("--revision", default=None, help="Hub branch, tag or commit of the repo (None: main)")

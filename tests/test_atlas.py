@@ -128,3 +128,10 @@ def test_gene_names_can_come_from_another_column(offline_cache, tmp_path):
     info = token_values_to_corpus(DUPLICATE_REPO, tmp_path / "corpus",
                                   layout=TokenValueLayout(gene_name_column="ensembl_id"))
     assert info.genes == [f"ENSG{i:03d}" for i in range(NUM_GENES)]
+
+
+def test_a_local_copy_of_the_repo_converts_alike(offline_cache, tmp_path):
+    from_hub = token_values_to_corpus(REPO, tmp_path / "from_hub")
+    local = token_values_to_corpus(str(offline_cache / "atlas"), tmp_path / "local")
+    assert local.source == "atlas" and local.genes == from_hub.genes and local.num_cells == from_hub.num_cells
+    assert load_corpus(tmp_path / "local")[0][:] == load_corpus(tmp_path / "from_hub")[0][:]

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 from datasets.data_files import DataFilesDict, sanitize_patterns
 from datasets.utils.metadata import MetadataConfigs
@@ -37,7 +37,7 @@ from .corpus import (
     covariate_codes,
     release_freed_memory,
 )
-from .hub import hub_snapshot
+from .hub import hub_snapshot, looks_like_local_path
 from .vocab import GeneVocab
 
 
@@ -52,6 +52,27 @@ class TokenValueLayout:
     gene_token_column: str = "token_id"
     gene_name_column: str = "gene_symbol"
     cell_id_column: str | None = None  # None: row numbers
+
+
+@dataclass(frozen=True)
+class ParquetRows:
+    """The rows of parquet `files`, read in order one row group at a time (``pyarrow.dataset``'s scanner reads ahead
+    of a slow consumer, so its memory grows with the atlas)."""
+
+    files: list[str]
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pq.read_schema(self.files[0])
+
+    @property
+    def num_rows(self) -> int:
+        return sum(pq.ParquetFile(path).metadata.num_rows for path in self.files)
+
+    def batches(self, columns: list[str], batch_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[pa.RecordBatch]:
+        for path in self.files:
+            with pq.ParquetFile(path) as file:
+                yield from file.iter_batches(batch_size=batch_size, columns=columns)
 
 
 def config_patterns(card: DatasetCard, config_name: str, repo_id: str) -> dict[str, list[str]]:
@@ -73,8 +94,7 @@ def local_files(snapshot: Path, patterns: dict[str, list[str]]) -> list[str]:
 
 def read_gene_table(files: Sequence[str], layout: TokenValueLayout, where: str) -> tuple[GeneVocab, np.ndarray]:
     """The vocabulary of the table's gene names (sorted) and ``vocab_id_of_token [max token id + 1]`` (0: no gene)."""
-    table = pads.dataset(list(files), format="parquet").to_table(
-        columns=[layout.gene_token_column, layout.gene_name_column]).to_pandas()
+    table = pq.ParquetDataset(list(files)).read(columns=[layout.gene_token_column, layout.gene_name_column]).to_pandas()
     tokens, names = table[layout.gene_token_column].to_numpy(np.int64), table[layout.gene_name_column]
     duplicated = names[names.duplicated(keep=False)].dropna().unique()
     if names.isna().any() or duplicated.size or pd.Series(tokens).duplicated().any() or (tokens < 0).any():
@@ -100,28 +120,34 @@ def token_values_to_corpus(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
 ) -> CorpusInfo:
-    """Convert the Hub dataset `repo_id` (token/value layout) at `revision` into a corpus folder.
+    """Convert the Hub dataset `repo_id` (token/value layout) at `revision`, or a local copy of one, into a corpus folder.
 
     Only the dataset card and the files of the two configs are downloaded (or taken from the local cache). One pass
     reads the `covariates` columns for their labels (sorted), a second one the cells, ``chunk_size`` rows at a time.
     """
     check_chunk_size(chunk_size)
-    fix = "check the repo id and revision"
-    card_path = hub_snapshot(repo_id, "dataset", revision, local_files_only, ["README.md"], fix=fix) / "README.md"
+
+    def snapshot_of(patterns: list[str]) -> Path:
+        if looks_like_local_path(repo_id):  # a local copy (`hf download --local-dir`)
+            return Path(repo_id)
+        return hub_snapshot(repo_id, "dataset", revision, local_files_only, ["README.md", *patterns],
+                            fix="check the repo id and revision")
+
+    card_path = snapshot_of([]) / "README.md"
     card = DatasetCard.load(card_path) if card_path.is_file() else DatasetCard("")
     configs = {name: config_patterns(card, name, repo_id) for name in (layout.expression_config, layout.gene_config)}
-    patterns = [pattern for config in configs.values() for split in config.values() for pattern in split]
-    snapshot = hub_snapshot(repo_id, "dataset", revision, local_files_only, ["README.md", *patterns], fix=fix)
+    snapshot = snapshot_of([pattern for config in configs.values() for split in config.values() for pattern in split])
     vocab, vocab_id_of_token = read_gene_table(local_files(snapshot, configs[layout.gene_config]), layout,
                                                f"{repo_id} ({layout.gene_config})")
-    cells = pads.dataset(local_files(snapshot, configs[layout.expression_config]), format="parquet")
+    cells = ParquetRows(local_files(snapshot, configs[layout.expression_config]))
     _check_columns(cells.schema, [layout.token_column, layout.value_column, *covariates,
                                   *([layout.cell_id_column] if layout.cell_id_column else [])], repo_id, layout)
     labels = {name: sorted(set(_unique_labels(cells, name))) for name in covariates}
     batches = _cell_batches(cells, layout, vocab_id_of_token, len(vocab), labels, chunk_size,
                             where=f"column {layout.value_column!r} of {repo_id} ({layout.expression_config})")
-    return cells_to_corpus(batches, output_dir, vocab.genes, labels, f"hf://datasets/{repo_id}@{snapshot.name}",
-                           max_shard_size=max_shard_size, overwrite=overwrite)
+    source = Path(repo_id).name if looks_like_local_path(repo_id) else f"hf://datasets/{repo_id}@{snapshot.name}"
+    return cells_to_corpus(batches, output_dir, vocab.genes, labels, source, max_shard_size=max_shard_size,
+                           overwrite=overwrite)
 
 
 def _check_columns(schema: pa.Schema, columns: Sequence[str], repo_id: str, layout: TokenValueLayout) -> None:
@@ -134,13 +160,13 @@ def _check_columns(schema: pa.Schema, columns: Sequence[str], repo_id: str, layo
         )
 
 
-def _unique_labels(cells: pads.Dataset, name: str) -> Iterator[str]:
+def _unique_labels(cells: ParquetRows, name: str) -> Iterator[str]:
     """The distinct labels of column `name`, read batch by batch (only that column)."""
-    for batch in cells.to_batches(columns=[name]):
+    for batch in cells.batches(columns=[name]):
         yield from (str(label) for label in pc.unique(batch.column(name)).to_pylist())
 
 
-def _cell_batches(cells: pads.Dataset, layout: TokenValueLayout, vocab_id_of_token: np.ndarray, num_genes: int,
+def _cell_batches(cells: ParquetRows, layout: TokenValueLayout, vocab_id_of_token: np.ndarray, num_genes: int,
                   labels: dict[str, list[str]], chunk_size: int, where: str,
                   ) -> Iterator[tuple[list[str], sp.csr_matrix, dict[str, np.ndarray]]]:
     """``(cell ids, counts CSR [b, genes], {covariate: label ids [b]})`` of each batch of `chunk_size` rows."""
@@ -149,8 +175,8 @@ def _cell_batches(cells: pads.Dataset, layout: TokenValueLayout, vocab_id_of_tok
     fix = (f"the atlas must store raw integer counts (UMIs) in {layout.value_column!r}: point --value-column at a "
            "column of raw counts; normalised or log values cannot be turned back into counts")
     first_row, empty_cells = 0, []
-    with tqdm(total=cells.count_rows(), unit="cells", desc="Converting atlas") as progress:
-        for batch in cells.to_batches(columns=columns, batch_size=chunk_size):
+    with tqdm(total=cells.num_rows, unit="cells", desc="Converting atlas") as progress:
+        for batch in cells.batches(columns, batch_size=chunk_size):
             rows = np.arange(first_row, first_row + batch.num_rows)
             cell_ids = ([str(cell) for cell in batch.column(layout.cell_id_column).to_pylist()]
                         if layout.cell_id_column else [str(row) for row in rows])
