@@ -25,29 +25,21 @@ from bench_data import peak_rss_mb
 
 ROWS_PER_FILE, ROWS_PER_WRITE = 20_000, 5_000
 CLS_TOKEN = 0
-CARD = """---
-configs:
-- config_name: expression_data
-  data_files:
-  - split: train
-    path: data/train-*.parquet
-- config_name: gene_metadata
-  data_files:
-  - split: train
-    path: metadata/gene_metadata.parquet
----
-"""
+CONFIG_FILES = {"expression_data": "data/train-*.parquet", "gene_metadata": "metadata/gene_metadata.parquet"}
 
 
 def write_synthetic_atlas(folder: Path, n_cells: int, n_genes: int, expressed: int, seed: int = 0) -> int:
     """Write the atlas row block by row block (bounded memory); returns the number of gene values."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from huggingface_hub import DatasetCardData
 
     rng = np.random.default_rng(seed)
     (folder / "data").mkdir(parents=True)
     (folder / "metadata").mkdir()
-    (folder / "README.md").write_text(CARD)
+    configs = [{"config_name": name, "data_files": [{"split": "train", "path": path}]}
+               for name, path in CONFIG_FILES.items()]
+    (folder / "README.md").write_text(f"---\n{DatasetCardData(configs=configs).to_yaml()}\n---\n")
     tokens = np.arange(1, n_genes + 1)
     pq.write_table(pa.table({"token_id": tokens, "gene_symbol": [f"GENE{i:05d}" for i in tokens]}),
                    folder / "metadata" / "gene_metadata.parquet")
