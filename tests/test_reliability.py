@@ -202,7 +202,7 @@ def tiny_pipeline(pbmc_counts) -> SCLDMPipeline:
          ConfigurationError, r"Per-covariate guidance_scale has keys \['donor'\] but the cells are conditioned on "
                              r"\['cell_type'\]"),
         ({"conditions": {"cell_type": ["Alien"]}, "num_cells": 2}, ConditionError,
-         r"Unknown label\(s\) \['Alien'\] for covariate 'cell_type' \(2 cells, first at row 0\); known labels: "
+         r"Unknown label\(s\) \['Alien'\] for covariate 'cell_type' \(1 cells, first at row 0\); known labels: "
          r"'CD14\+ Monocyte', .*'Dendritic'"),
         ({"conditions": {"donor": ["d1"]}, "num_cells": 2}, ConditionError,
          r"unknown \['donor'\], missing \[\]; the model's covariates are \['cell_type'\]"),

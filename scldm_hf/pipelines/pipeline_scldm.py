@@ -351,7 +351,7 @@ class SCLDMPipeline(DiffusionPipeline):
             frame = check_conditions(frame, num_cells)
         num_cells = len(frame) if num_cells is None else num_cells
         check_num_cells(num_cells)
-        self.conditioner.encode(frame.drop_duplicates())
+        self.conditioner.encode(frame)
         check_guidance_scale(guidance_scale, list(frame.columns))
         return frame, num_cells
 
