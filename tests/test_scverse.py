@@ -69,6 +69,12 @@ def test_latent_representation_reads_the_counts_layer(pipe, layered, pbmc_counts
         pipe.vae.get_latent_representation(layered)
 
 
+def test_saved_vae_code_does_not_ship_the_anndata_plumbing(pipe, tmp_path):
+    pipe.vae.save_pretrained(tmp_path)
+    shipped = {path.name for path in tmp_path.glob("*.py")}
+    assert "modeling_scvae.py" in shipped and not shipped & {"encoding.py", "corpus.py", "collator.py"}
+
+
 def test_normalized_expression_is_the_decoded_mean_at_the_requested_depth(pipe, layered):
     genes = list(pipe.vae.config.gene_names)
     frequencies = pipe.vae.get_normalized_expression(layered, layer="counts")
