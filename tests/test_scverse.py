@@ -14,6 +14,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 import scldm_hf
 from scldm_hf.data import anndata_to_dataset, encode_dataset, load_corpus
 from scldm_hf.errors import ConfigurationError, InputDataError
+from scldm_hf.evaluation import evaluate_generation
+from scldm_hf.evaluation.evaluate import Sample
 from scldm_hf.models import SCVAEConfig, SCVAEModel
 from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
@@ -165,3 +167,13 @@ def test_vae_trains_on_an_in_memory_anndata_layer(layered, tmp_path):
     first = dataset[0]
     counts = layered.layers["counts"][0].toarray().ravel()
     assert sum(first["counts"]) == counts.sum() == first["library_size"]
+
+
+def test_evaluation_reads_the_counts_layer_of_the_real_cells(pbmc_counts, layered):
+    """`evaluate_generation(..., layer=)` builds its samples from the layer (the full protocol is ~50 CPU-s, so the
+    samples it scores are compared, and a missing layer fails before any work)."""
+    from_layer = Sample.of(layered, "real", "cell_type", "cell_type", layer="counts")
+    from_x = Sample.of(pbmc_counts[:NUM_CELLS], "real", "cell_type", "cell_type")
+    assert (from_layer.log != from_x.log).nnz == 0 and (from_layer.labels == from_x.labels).all()
+    with pytest.raises(InputDataError, match=r"real has no layer 'raw' \(layers: counts\)"):
+        evaluate_generation(layered, pbmc_counts[:NUM_CELLS], "cell_type", reference=layered, layer="raw")
