@@ -259,6 +259,7 @@ class SCLDMPipeline(DiffusionPipeline):
             return self.scheduler.integrate(
                 lambda latents, timestep: self.predict_velocity(latents, timestep, covariates, guidance_scale), noise
             )
+        self.scheduler.set_begin_index(0)
         latents = noise
         for step, timestep in enumerate(self.scheduler.timesteps):
             velocity = self.predict_velocity(latents, timestep, covariates, guidance_scale)
