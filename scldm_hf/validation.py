@@ -227,12 +227,15 @@ def check_conditions(conditions, num_cells: int | None = None) -> pd.DataFrame:
     return frame.astype(str)
 
 
+MAX_GUIDANCE_SCALE = 100.0  # far above useful guidance (1-10); larger weights overflow the NB draw
+
+
 def check_guidance_scale(guidance_scale, conditioned: Sequence[str]) -> None:
-    """Check a classifier-free guidance scale: a finite number, or ``{covariate: number}`` naming exactly the
-    ``conditioned`` covariates."""
+    """Check a classifier-free guidance scale: a number in ``[0, MAX_GUIDANCE_SCALE]``, or ``{covariate: number}``
+    naming exactly the ``conditioned`` covariates."""
 
     def is_number(value) -> bool:
-        return isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(value)
+        return isinstance(value, Real) and not isinstance(value, bool) and 0 <= value <= MAX_GUIDANCE_SCALE
 
     if isinstance(guidance_scale, Mapping):
         if set(guidance_scale) != set(conditioned):
@@ -245,8 +248,8 @@ def check_guidance_scale(guidance_scale, conditioned: Sequence[str]) -> None:
         bad = {} if is_number(guidance_scale) else {"guidance_scale": guidance_scale}
     if bad:
         raise ConfigurationError(
-            f"guidance_scale values must be finite numbers, got {bad}; use e.g. 1.0 (conditional), 0.0 "
-            "(unconditional) or {'cell_type': 2.0}."
+            f"guidance_scale values must be numbers from 0 to {MAX_GUIDANCE_SCALE:g}, got {bad}; use e.g. 1.0 "
+            "(conditional), 0.0 (unconditional), 2.0 (stronger conditioning) or {'cell_type': 2.0}."
         )
 
 

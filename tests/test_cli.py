@@ -261,7 +261,7 @@ def test_convert_vocabulary_overlap_minimum_is_configurable(workdir, tmp_path, c
         (["generate", "pipe", "--num-cells", "ten"], r"argument --num-cells: invalid int value: 'ten'"),
         (["generate", "pipe", "--guidance-scale", "strong"], r"argument --guidance-scale: invalid float value"),
         (["generate", "pipe", "--num-cells", "0"], r"num_cells=0 must be a positive integer"),
-        (["generate", "pipe", "--guidance-scale", "nan"], r"guidance_scale values must be finite numbers"),
+        (["generate", "pipe", "--guidance-scale", "nan"], r"guidance_scale values must be numbers from 0 to 100"),
         (["generate", "./nowhere/pipe"], r"No model folder at nowhere/pipe"),
         (["evaluate", "real.h5ad", "gen.h5ad", "--condition-key", "cell_type", "--reference", "train.h5ad"],
          r"No real \.h5ad file at real\.h5ad"),

@@ -192,13 +192,17 @@ def tiny_pipeline(pbmc_counts) -> SCLDMPipeline:
         ({"num_cells": -3}, ConfigurationError, r"num_cells=-3 must be a positive integer"),
         ({"num_cells": 2.5}, ConfigurationError, r"num_cells=2\.5 must be a positive integer"),
         ({"num_cells": True}, ConfigurationError, r"num_cells=True must be a positive integer"),
-        ({"num_cells": 2, "guidance_scale": "2"}, ConfigurationError, r"guidance_scale values must be finite numbers"),
-        ({"num_cells": 2, "guidance_scale": float("nan")}, ConfigurationError, r"must be finite numbers"),
+        ({"num_cells": 2, "guidance_scale": "2"}, ConfigurationError, r"guidance_scale values must be numbers from 0 to 100"),
+        ({"num_cells": 2, "guidance_scale": float("nan")}, ConfigurationError, r"must be numbers from 0 to 100"),
+        ({"num_cells": 2, "guidance_scale": -1.0}, ConfigurationError, r"got \{'guidance_scale': -1\.0\}"),
+        ({"num_cells": 2, "guidance_scale": 1e30}, ConfigurationError, r"must be numbers from 0 to 100"),
+        ({"num_cells": 2, "latents": torch.zeros(3, 4, 8)}, ConfigurationError,
+         r"latents have shape \(3, 4, 8\) but 2 cells need initial noise of shape \[2, 4, 8\]"),
         ({"conditions": {"cell_type": ["CD19+ B"]}, "num_cells": 2, "guidance_scale": {"donor": 2.0}},
          ConfigurationError, r"Per-covariate guidance_scale has keys \['donor'\] but the cells are conditioned on "
                              r"\['cell_type'\]"),
         ({"conditions": {"cell_type": ["Alien"]}, "num_cells": 2}, ConditionError,
-         r"Unknown label\(s\) \['Alien'\] for covariate 'cell_type' \(2 cells, first at row 0\); known labels: "
+         r"Unknown label\(s\) \['Alien'\] for covariate 'cell_type' \(1 cells, first at row 0\); known labels: "
          r"'CD14\+ Monocyte', .*'Dendritic'"),
         ({"conditions": {"donor": ["d1"]}, "num_cells": 2}, ConditionError,
          r"unknown \['donor'\], missing \[\]; the model's covariates are \['cell_type'\]"),

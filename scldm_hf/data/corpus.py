@@ -330,10 +330,12 @@ def cells_to_h5ad(
     genes: Sequence[str],
     covariate_labels: Mapping[str, Sequence[str]],
     overwrite: bool = False,
+    uns: Mapping | None = None,
 ) -> int:
     """Write an ``.h5ad`` from batches as for :func:`cells_to_corpus`: the CSR rows are appended to ``X`` on disk
-    batch by batch; ``obs`` (cell names and categorical labels of the covariates the batches carry) is written at the
-    end. Written to a staging file beside `path` and renamed when complete; returns the number of cells."""
+    batch by batch; ``obs`` (cell names and categorical labels of the covariates the batches carry) and ``uns`` are
+    written at the end. Written to a staging file beside `path` and renamed when complete; returns the number of
+    cells."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise ConfigurationError(f"{path} already exists: choose another output or pass overwrite=True (--overwrite).")
@@ -356,6 +358,7 @@ def cells_to_h5ad(
             )
             ad.io.write_elem(file, "obs", obs)
             ad.io.write_elem(file, "var", pd.DataFrame(index=pd.Index(list(genes), name="gene")))
+            ad.io.write_elem(file, "uns", dict(uns or {}))
             file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         if overwrite:
             staging.replace(path)

@@ -82,6 +82,7 @@ def evaluate_generation(
     max_cells_per_condition: int = 2000,
     min_cells: int = 10,
     seed: int = 0,
+    layer: str | None = None,
 ) -> pd.DataFrame:
     """Metrics of `generated` against `real` cells (integer counts over the same genes), with the real floor beside.
 
@@ -98,6 +99,8 @@ def evaluate_generation(
         max_cells_per_condition: cap on cells per side and group (the exact OT solve is roughly cubic).
         min_cells: labels with fewer comparable cells per side are pooled into one "other (k labels)" group.
         seed: seeds the PCA solver, the subsampling, the floor split and the classifiers.
+        layer: the layer of `real`, `reference` and `real_floor` holding their counts (None: X); generated cells'
+            counts are read from X, where the pipelines put them.
 
     Returns:
         DataFrame, one row per group plus "mean" (average of the scored groups; `n_*` summed), the columns of
@@ -115,7 +118,7 @@ def evaluate_generation(
                                  "can be scored on (5-NN balls, 5-fold AUROC); pass a larger min_cells.")
     rng = np.random.default_rng(seed)
     cell_type_key = condition_key if cell_type_key is None else cell_type_key
-    samples = {"real": Sample.of(real, "real", condition_key, cell_type_key)}
+    samples = {"real": Sample.of(real, "real", condition_key, cell_type_key, layer)}
     samples["generated"] = Sample.of(align_genes(real, generated), "generated", condition_key, cell_type_key)
     notes = []
     if reference is None:
@@ -123,7 +126,8 @@ def evaluate_generation(
                      "cells look closer to each other than to any other sample; not comparable with protocol scores.")
         pca = fit_real_pca(samples["real"].log, n_pca_components, seed=seed)
     else:
-        reference = Sample.of(align_genes(real, reference, "reference"), "reference", condition_key, cell_type_key)
+        reference = Sample.of(align_genes(real, reference, "reference"), "reference", condition_key, cell_type_key,
+                              layer)
         pca = fit_real_pca(reference.log, n_pca_components, seed=seed)
         notes.append(f"reference: log1p CP10k, {pca.n_components_}-PC PCA fitted on {len(reference.labels)} "
                      "reference cells (neither real nor generated)")
@@ -134,7 +138,7 @@ def evaluate_generation(
                      f"against one half ({len(target)} cells), the floor is the other half ({len(floor)} cells)")
     else:
         samples["floor"] = Sample.of(align_genes(real, real_floor, "real_floor"), "real_floor", condition_key,
-                                     cell_type_key)
+                                     cell_type_key, layer)
         notes.append(f"floor: a second real sample of {real_floor.n_obs} cells scored against the real cells")
     groups, group_notes = equal_count_groups({side: sample.labels for side, sample in samples.items()},
                                              min_cells, max_cells_per_condition, rng)
@@ -184,8 +188,8 @@ class Sample:
     types: np.ndarray
 
     @classmethod
-    def of(cls, cells: AnnData, name: str, condition_key, cell_type_key) -> "Sample":
-        return cls(log_normalize(count_matrix(cells, name)), condition_labels(cells, condition_key),
+    def of(cls, cells: AnnData, name: str, condition_key, cell_type_key, layer: str | None = None) -> "Sample":
+        return cls(log_normalize(count_matrix(cells, name, layer)), condition_labels(cells, condition_key),
                    condition_labels(cells, cell_type_key))
 
     def rows(self, index: np.ndarray) -> "Sample":

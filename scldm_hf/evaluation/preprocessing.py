@@ -17,10 +17,15 @@ from ..validation import check_count_chunk, check_covariate_columns
 TARGET_SUM = 1e4
 
 
-def count_matrix(adata: AnnData, name: str = "adata") -> sp.csr_matrix:
-    """`adata.X` as a float32 CSR matrix `[N, G]` after checking it holds non-negative integer counts."""
-    counts = sp.csr_matrix(adata.X)
-    check_count_chunk(counts, adata.obs_names, where=f"{name}.X")
+def count_matrix(adata: AnnData, name: str = "adata", layer: str | None = None) -> sp.csr_matrix:
+    """`adata.X` (or `adata.layers[layer]`) as a float32 CSR matrix `[N, G]` after checking it holds non-negative
+    integer counts."""
+    where = f"{name}.X" if layer is None else f"{name}.layers[{layer!r}]"
+    if layer is not None and layer not in adata.layers:
+        raise InputDataError(f"{name} has no layer {layer!r} (layers: {', '.join(adata.layers) or 'none'}): pass the "
+                             "layer holding raw counts, or layer=None for X.")
+    counts = sp.csr_matrix(adata.X if layer is None else adata.layers[layer])
+    check_count_chunk(counts, adata.obs_names, where=where)
     return counts.astype(np.float32)
 
 

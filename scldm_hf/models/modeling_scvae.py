@@ -7,11 +7,14 @@ for any subset of the vocabulary, and parametrises a negative binomial per gene:
 `mean = softmax(logits over the decoded genes) * library_size`.
 """
 
+import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from os import PathLike
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -485,6 +488,37 @@ class SCVAEModel(PreTrainedModel):
     ) -> torch.LongTensor:
         """Counts `[B, G]` drawn from `mean [B, G]` and `inverse_dispersion` (`[G]`/`[B, G]`; None = Poisson)."""
         return sample_negative_binomial(mean, inverse_dispersion, generator=generator)
+
+    # --- scvi-tools-style AnnData methods: thin wrappers of scldm_hf.data.encoding, imported by name when called
+    # so that the AnnData plumbing stays out of the code saved with the model (docs/DESIGN.md, hub_code); they
+    # need the installed package. ---
+    data_encoding_module = "scldm_hf.data.encoding"
+
+    def get_latent_representation(
+        self, adata, layer: str | None = None, indices: Sequence[int] | None = None, batch_size: int = 256
+    ) -> np.ndarray:
+        """Posterior-mean latents of the cells of `adata` (raw counts in `X` or `layers[layer]`; `indices` selects
+        cells), flattened to `[N, T * D]` so that `adata.obsm["X_scldm"] = ...` feeds scanpy's neighbours/UMAP."""
+        cells = adata if indices is None else adata[indices]
+        latents = importlib.import_module(self.data_encoding_module).encode_dataset(
+            self, cells, batch_size=batch_size, layer=layer)
+        return latents.reshape(cells.n_obs, -1)
+
+    def get_normalized_expression(
+        self,
+        adata,
+        layer: str | None = None,
+        indices: Sequence[int] | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | str = 1.0,
+        batch_size: int = 256,
+    ):
+        """Decoded expression (a DataFrame `[N, genes]`, index `obs_names`) of the cells of `adata` at
+        `library_size` counts per cell (1.0: frequencies; `"latent"`: each cell's observed total), as scvi-tools'
+        method of that name; see `scldm_hf.data.encoding.normalized_expression`."""
+        cells = adata if indices is None else adata[indices]
+        return importlib.import_module(self.data_encoding_module).normalized_expression(
+            self, cells, layer=layer, library_size=library_size, gene_list=gene_list, batch_size=batch_size)
 
 
 __all__ = [

@@ -5,12 +5,13 @@ diffusers flow-matching scheduler, decodes the latents with the VAE at library s
 log-normal model, and draws negative binomial counts.
 """
 
+import importlib.metadata
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import anndata as ad
 import numpy as np
@@ -34,15 +35,18 @@ from .scheduling_flow_match_ode import FlowMatchODESolverScheduler
 
 OutputType = Literal["anndata", "counts", "latent"]
 DECODE_GENE_TOKENS = 2**14  # cells x genes decoded at once (see `SCLDMPipeline.decode_counts`)
+HUB_CACHE_PREFIX = "models--"  # huggingface_hub caches repo `a/b` as `models--a--b/snapshots/<commit>`
 
 
 class GeneratedBatch(NamedTuple):
-    """One batch of `SCLDMPipeline.generate_batches`: cell names `[b]`, counts (CSR int32 `[b, G]`) and the label ids
-    `{covariate: [b]}` of the conditioned covariates (ids into the conditioner's labels)."""
+    """One batch of `SCLDMPipeline.generate_batches`: cell names `[b]`, counts (CSR int32 `[b, G]`; None for
+    `output_type="latent"`), the label ids `{covariate: [b]}` of the conditioned covariates (ids into the
+    conditioner's labels) and the VAE latents `[b, T, D]` the counts were drawn from."""
 
     cell_ids: list[str]
-    counts: sp.csr_matrix
+    counts: sp.csr_matrix | None
     label_ids: dict[str, np.ndarray]
+    latents: torch.Tensor
 
 
 @dataclass
@@ -75,6 +79,7 @@ class SCLDMPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer->vae"
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -119,7 +124,9 @@ class SCLDMPipeline(DiffusionPipeline):
                 component_class = FlowMatchODESolverScheduler if class_name == FlowMatchODESolverScheduler.__name__ \
                     else getattr(diffusers, class_name)
                 kwargs[name] = component_class.from_pretrained(folder, subfolder=name)
-        return cls(**kwargs)
+        pipeline = cls(**kwargs)
+        pipeline.register_to_config(_name_or_path=str(folder))
+        return pipeline
 
     def save_pretrained(self, save_directory: str | PathLike, **kwargs) -> None:
         """`DiffusionPipeline.save_pretrained`, plus the code of the pipeline (at the root) and of each scLDM model (in
@@ -147,17 +154,54 @@ class SCLDMPipeline(DiffusionPipeline):
         self.conditioner.add_covariate(covariate, labels)
         self.transformer.add_covariate(covariate, len(labels))
 
-    def check_inputs(self, num_inference_steps: int, batch_size: int, output_type: str) -> None:
+    def check_inputs(
+        self,
+        num_inference_steps: int,
+        batch_size: int,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        callback_on_step_end: Callable | None = None,
+    ) -> None:
         for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigurationError(f"{name}={value!r} must be a positive integer.")
-        if output_type not in ("anndata", "counts", "latent"):
-            raise ConfigurationError(f"output_type={output_type!r} is not one of ('anndata', 'counts', 'latent').")
+        if output_type not in get_args(OutputType):
+            raise ConfigurationError(f"output_type={output_type!r} is not one of {get_args(OutputType)}.")
+        unknown_inputs = sorted(set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs))
+        if unknown_inputs:
+            raise ConfigurationError(
+                f"callback_on_step_end_tensor_inputs {unknown_inputs} are not among {self._callback_tensor_inputs}."
+            )
+        if callback_on_step_end is not None and isinstance(self.scheduler, FlowMatchODESolverScheduler):
+            raise ConfigurationError(
+                "callback_on_step_end needs a stepping scheduler; FlowMatchODESolverScheduler integrates adaptively "
+                "without steps: use FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler."
+            )
         if self.conditioner.num_labels != self.transformer.config.covariate_num_labels:
             raise ConfigurationError(
                 f"The conditioner's labels per covariate {self.conditioner.num_labels} do not match the transformer's "
                 f"{self.transformer.config.covariate_num_labels}; add labels with `pipe.add_condition_labels`."
             )
+
+    def prepare_latents(
+        self,
+        num_cells: int,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Initial noise `[num_cells, T, D]`: `latents` as given (shape-checked), or drawn with `generator`."""
+        config = self.transformer.config
+        shape = (num_cells, config.num_latent_tokens, config.latent_dim)
+        device = self._execution_device
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
+        if tuple(latents.shape) != shape:
+            raise ConfigurationError(
+                f"latents have shape {tuple(latents.shape)} but {num_cells} cells need initial noise of shape "
+                f"{list(shape)} [cells, num_latent_tokens, latent_dim]; pass one noise tensor per cell, or leave "
+                "latents=None to draw it from `generator`."
+            )
+        return latents.to(device=device, dtype=self.transformer.dtype)
 
     def predict_velocity(
         self,
@@ -201,25 +245,28 @@ class SCLDMPipeline(DiffusionPipeline):
         covariates: dict[str, torch.LongTensor],
         guidance_scale: float | dict[str, float] = 1.0,
         num_inference_steps: int = 25,
-        progress_bar=None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> torch.Tensor:
-        """Integrate noise `[B, T, D]` to standardised clean latents `[B, T, D]` with the scheduler (sigma 1 -> 0),
-        advancing `progress_bar` once per step when given."""
+        """Integrate noise `[B, T, D]` to standardised clean latents `[B, T, D]` with the scheduler (sigma 1 -> 0).
+
+        The one `scheduler.set_timesteps` call of a pass (a diffusers scheduler counts its steps, so each batch starts
+        a fresh schedule). After each step, `callback_on_step_end(self, step, timestep, {"latents": ...})` may return
+        `{"latents": ...}` to replace them, as in diffusers' pipelines.
+        """
         self.scheduler.set_timesteps(num_inference_steps, device=noise.device)
         if isinstance(self.scheduler, FlowMatchODESolverScheduler):
-            latents = self.scheduler.integrate(
+            return self.scheduler.integrate(
                 lambda latents, timestep: self.predict_velocity(latents, timestep, covariates, guidance_scale), noise
             )
-            if progress_bar is not None:
-                progress_bar.update(len(self.scheduler.timesteps))
-            return latents
         self.scheduler.set_begin_index(0)
         latents = noise
-        for timestep in self.scheduler.timesteps:
+        for step, timestep in enumerate(self.scheduler.timesteps):
             velocity = self.predict_velocity(latents, timestep, covariates, guidance_scale)
             latents = self.scheduler.step(velocity, timestep, latents).prev_sample
-            if progress_bar is not None:
-                progress_bar.update()
+            if callback_on_step_end is not None:
+                tensors = {name: latents for name in callback_on_step_end_tensor_inputs}
+                latents = callback_on_step_end(self, step, timestep, tensors).pop("latents", latents)
         return latents
 
     @torch.no_grad()
@@ -259,6 +306,56 @@ class SCLDMPipeline(DiffusionPipeline):
         library_size = self.conditioner.sample_library_size(covariates, len(latents), generator)
         return self.decode_counts(latents, library_size.to(latents.device), generator)
 
+    def provenance(
+        self, generator: torch.Generator | None, guidance_scale: float | dict[str, float], num_inference_steps: int,
+        **settings,
+    ) -> dict:
+        """What generated cells record in `uns["scldm_hf"]`: the model (Hub repo id or folder) and its revision (the
+        snapshot's commit, for a Hub download), the generator's seed, guidance, steps, scheduler and package
+        versions, plus `settings`. Unknown values (no seed, a local folder's revision) are left out."""
+        model = self.name_or_path
+        revision = None
+        snapshot = Path(model) if model else None
+        if snapshot is not None and snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith(
+                HUB_CACHE_PREFIX):
+            model = snapshot.parent.parent.name.removeprefix(HUB_CACHE_PREFIX).replace("--", "/")
+            revision = snapshot.name
+        record = {
+            "pipeline": type(self).__name__,
+            "model": model,
+            "revision": revision,
+            "seed": None if generator is None else generator.initial_seed(),
+            "guidance_scale": dict(guidance_scale) if isinstance(guidance_scale, Mapping) else float(guidance_scale),
+            "num_inference_steps": int(num_inference_steps),
+            "scheduler": type(self.scheduler).__name__,
+            "scldm_hf_version": package_version(),
+            "diffusers_version": diffusers.__version__,
+            **settings,
+        }
+        return {name: value for name, value in record.items() if value is not None}
+
+    def prepare_conditions(
+        self,
+        conditions: dict[str, list[str] | str] | pd.DataFrame | None,
+        num_cells: int | None,
+        guidance_scale: float | dict[str, float],
+    ) -> tuple[pd.DataFrame | None, int]:
+        """Check the conditions, the number of cells and the guidance -> `(labels, num_cells)`: `labels` is a
+        DataFrame of one row per cell, or of a single row for every cell (never repeated `num_cells` times), or
+        None (unconditional). Unknown labels raise here, before any work."""
+        if conditions is None:
+            check_num_cells(num_cells)
+            check_guidance_scale(guidance_scale, [])
+            return None, num_cells
+        frame = check_conditions(conditions)
+        if len(frame) > 1:
+            frame = check_conditions(frame, num_cells)
+        num_cells = len(frame) if num_cells is None else num_cells
+        check_num_cells(num_cells)
+        self.conditioner.encode(frame)
+        check_guidance_scale(guidance_scale, list(frame.columns))
+        return frame, num_cells
+
     @torch.no_grad()
     def generate_batches(
         self,
@@ -267,44 +364,65 @@ class SCLDMPipeline(DiffusionPipeline):
         guidance_scale: float | dict[str, float] = 1.0,
         num_inference_steps: int = 25,
         generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
         batch_size: int = 256,
+        output_type: Literal["counts", "latent"] = "counts",
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> Iterator[GeneratedBatch]:
         """Generate cells one batch at a time, for any number of cells in bounded memory: noise, label ids and counts
         exist for one batch only (a single row of `conditions` is repeated per batch, never `num_cells` times).
 
-        Arguments as in `__call__`; inputs are checked before the first batch. The random draws are per batch, so
-        the cells differ from `__call__`'s for the same generator (but are reproducible with it).
+        Arguments as in `__call__`; inputs are checked before the first batch. Without `latents`, the noise is drawn
+        per batch, before that batch's library sizes and counts, so the cells differ from `__call__`'s for the same
+        generator (which draws all the noise first) but are reproducible with it.
         """
-        self.check_inputs(num_inference_steps, batch_size, "counts")
-        if conditions is None:
-            check_num_cells(num_cells)
-            frame = pd.DataFrame(index=range(1))
-        else:
-            frame = check_conditions(conditions)
-            if len(frame) > 1:
-                frame = check_conditions(frame, num_cells)
-            num_cells = len(frame) if num_cells is None else num_cells
-            check_num_cells(num_cells)
-            self.conditioner.encode(frame.drop_duplicates())  # unknown labels fail here, before any work
-        check_guidance_scale(guidance_scale, list(frame.columns))
+        self.check_inputs(num_inference_steps, batch_size, output_type, callback_on_step_end_tensor_inputs,
+                          callback_on_step_end)
+        labels, num_cells = self.prepare_conditions(conditions, num_cells, guidance_scale)
+        if latents is not None:
+            latents = self.prepare_latents(num_cells, latents=latents)
+        yield from self.generation_loop(
+            labels, num_cells, guidance_scale, num_inference_steps, generator, latents, batch_size,
+            output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )
+
+    def generation_loop(
+        self,
+        labels: pd.DataFrame | None,
+        num_cells: int,
+        guidance_scale: float | dict[str, float],
+        num_inference_steps: int,
+        generator: torch.Generator | None,
+        latents: torch.Tensor | None,
+        batch_size: int,
+        output_type: Literal["counts", "latent"],
+        callback_on_step_end: Callable | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+    ) -> Iterator[GeneratedBatch]:
+        """The one generation loop, on checked inputs (`prepare_conditions`): per batch, label ids, noise (a slice
+        of `latents [num_cells, T, D]`, or drawn), denoising, and counts (not for `output_type="latent"`)."""
         device = self._execution_device
-        config = self.transformer.config
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        num_batches = -(-num_cells // batch_size)
-        with self.progress_bar(total=num_batches * len(self.scheduler.timesteps)) as progress_bar:
+        with self.progress_bar(total=num_cells) as progress_bar:
             for start in range(0, num_cells, batch_size):
                 size = min(batch_size, num_cells - start)
-                rows = frame.iloc[[0] * size] if len(frame) == 1 else frame.iloc[start : start + size]
-                label_ids = self.conditioner.encode(rows) if conditions is not None else {}
-                covariates = {name: ids.to(device) for name, ids in label_ids.items()}
-                noise = randn_tensor((size, config.num_latent_tokens, config.latent_dim), generator=generator,
-                                     device=device, dtype=self.transformer.dtype)
-                latents = self.denoise(noise, covariates, guidance_scale, num_inference_steps, progress_bar)
+                if labels is None:
+                    covariates = {}
+                else:
+                    rows = labels.iloc[[0] * size] if len(labels) == 1 else labels.iloc[start : start + size]
+                    covariates = {name: ids.to(device) for name, ids in self.conditioner.encode(rows).items()}
+                noise = self.prepare_latents(size, generator) if latents is None else latents[start : start + size]
+                cell_latents = self.vae.denormalize_latents(self.denoise(
+                    noise, covariates, guidance_scale, num_inference_steps, callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
+                ))
                 yield GeneratedBatch(
                     cell_ids=[f"generated_{index}" for index in range(start, start + size)],
-                    counts=self.sample_counts(self.vae.denormalize_latents(latents), covariates, generator),
+                    counts=None if output_type == "latent" else self.sample_counts(cell_latents, covariates, generator),
                     label_ids={name: ids.cpu().numpy() for name, ids in covariates.items()},
+                    latents=cell_latents,
                 )
+                progress_bar.update(size)
         self.maybe_free_model_hooks()
 
     @torch.no_grad()
@@ -315,9 +433,12 @@ class SCLDMPipeline(DiffusionPipeline):
         guidance_scale: float | dict[str, float] = 1.0,
         num_inference_steps: int = 25,
         generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
         batch_size: int = 256,
         output_type: OutputType = "anndata",
         return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> SCLDMPipelineOutput | tuple:
         r"""Generate cells.
 
@@ -327,62 +448,61 @@ class SCLDMPipeline(DiffusionPipeline):
                 Covariates left out are unconditioned. `None` generates unconditionally (`num_cells` required).
             num_cells (`int`, *optional*): Number of cells; defaults to the number of condition rows.
             guidance_scale (`float` or `dict[str, float]`, defaults to 1.0):
-                Classifier-free guidance: 1 = conditional model, 0 = unconditional, > 1 = stronger conditioning. A dict
-                gives one weight per conditioned covariate (`v_uncond + sum_k w_k (v_k - v_uncond)`).
+                Classifier-free guidance in [0, 100]: 1 = conditional model, 0 = unconditional, > 1 = stronger
+                conditioning. A dict gives one weight per conditioned covariate (`v_uncond + sum_k w_k (v_k - v_uncond)`).
             num_inference_steps (`int`, defaults to 25): ODE steps.
             generator (`torch.Generator`, *optional*): Makes the noise, library sizes and counts reproducible.
+            latents (`torch.Tensor` `[N, T, D]`, *optional*): Initial noise (sigma = 1) of the `N` cells, e.g. to
+                generate the same cells under other labels; drawn from `generator` (all at once, so the cells do
+                not depend on `batch_size`) when not given.
             batch_size (`int`, defaults to 256): Cells integrated at once (larger batches help on GPUs).
             output_type (`"anndata"`, `"counts"` or `"latent"`, defaults to `"anndata"`): See [`SCLDMPipelineOutput`].
             return_dict (`bool`, defaults to True): Return a [`SCLDMPipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*): Called after every ODE step of every batch as
+                `callback_on_step_end(pipe, step, timestep, callback_kwargs)`; `callback_kwargs` holds the tensors
+                named in `callback_on_step_end_tensor_inputs` (`"latents"`, `[batch, T, D]`), and a returned
+                `{"latents": ...}` replaces them. Not with `FlowMatchODESolverScheduler` (no steps).
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): See `callback_on_step_end`.
         """
-        self.check_inputs(num_inference_steps, batch_size, output_type)
-        if conditions is None:
-            check_num_cells(num_cells)
-            obs, covariates = pd.DataFrame(index=range(num_cells)), {}
-        else:
-            obs = check_conditions(conditions, num_cells)
-            num_cells, covariates = len(obs), self.conditioner.encode(obs)
-        check_guidance_scale(guidance_scale, list(covariates))
-        device = self._execution_device
-        covariates = {name: ids.to(device) for name, ids in covariates.items()}
-
-        config = self.transformer.config
-        noise = randn_tensor(
-            (num_cells, config.num_latent_tokens, config.latent_dim),
-            generator=generator,
-            device=device,
-            dtype=self.transformer.dtype,
-        )
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        num_batches = -(-num_cells // batch_size)
-        outputs = []
-        with self.progress_bar(total=num_batches * len(self.scheduler.timesteps)) as progress_bar:
-            for start in range(0, num_cells, batch_size):
-                batch_covariates = {name: ids[start : start + batch_size] for name, ids in covariates.items()}
-                latents = self.denoise(
-                    noise[start : start + batch_size], batch_covariates, guidance_scale, num_inference_steps, progress_bar
-                )
-                latents = self.vae.denormalize_latents(latents)
-                if output_type == "latent":
-                    outputs.append(latents)
-                    continue
-                outputs.append(self.sample_counts(latents, batch_covariates, generator))
-        self.maybe_free_model_hooks()
-
+        self.check_inputs(num_inference_steps, batch_size, output_type, callback_on_step_end_tensor_inputs,
+                          callback_on_step_end)
+        labels, num_cells = self.prepare_conditions(conditions, num_cells, guidance_scale)
+        batches = list(self.generation_loop(
+            labels, num_cells, guidance_scale, num_inference_steps, generator,
+            self.prepare_latents(num_cells, generator, latents), batch_size,
+            "latent" if output_type == "latent" else "counts", callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        ))
         if output_type == "latent":
-            cells = torch.cat(outputs)
+            cells = torch.cat([batch.latents for batch in batches])
         else:
-            cells = sp.vstack(outputs, format="csr")
-            if output_type == "anndata":
-                obs.index = [f"generated_{index}" for index in range(num_cells)]
-                cells = ad.AnnData(
-                    X=cells,
-                    obs=obs.astype("category"),
-                    var=pd.DataFrame(index=pd.Index(self.vae.config.gene_names, name="gene")),
-                )
+            cells = sp.vstack([batch.counts for batch in batches], format="csr")
+        if output_type == "anndata":
+            cells = self.to_anndata(cells, batches, self.provenance(generator, guidance_scale, num_inference_steps))
         if not return_dict:
             return (cells,)
         return SCLDMPipelineOutput(cells=cells)
+
+    def to_anndata(self, counts: sp.csr_matrix, batches: list[GeneratedBatch], uns: dict) -> ad.AnnData:
+        """AnnData of generated `counts` `[N, G]`: `obs` = cell names and the labels of `batches` (categorical over
+        the conditioner's labels), `var_names` = the VAE's genes, `uns["scldm_hf"]` = `uns`."""
+        labels = self.conditioner.config.covariate_labels
+        obs = pd.DataFrame(
+            {name: pd.Categorical.from_codes(np.concatenate([batch.label_ids[name] for batch in batches]),
+                                             categories=list(labels[name]))
+             for name in batches[0].label_ids},
+            index=pd.Index([cell for batch in batches for cell in batch.cell_ids]),
+        )
+        return ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(self.vae.config.gene_names, name="gene")),
+                          uns={"scldm_hf": uns})
+
+
+def package_version() -> str | None:
+    """The installed scldm-hf version; None where this file runs as a saved folder's code without the package."""
+    try:
+        return importlib.metadata.version("scldm-hf")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 __all__ = ["GeneratedBatch", "SCLDMPipeline", "SCLDMPipelineOutput"]

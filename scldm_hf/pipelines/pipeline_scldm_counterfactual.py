@@ -124,11 +124,13 @@ class SCLDMCounterfactualPipeline(SCLDMPipeline):
         batch_size: int = 1024,
         output_type: OutputType = "anndata",
         return_dict: bool = True,
+        layer: str | None = None,
     ) -> SCLDMPipelineOutput | tuple:
         r"""Edit `cells` into `target_conditions`.
 
         Args:
-            cells (`anndata.AnnData`): Real cells (integer counts, `[N, genes]`); `obs` holds their source labels.
+            cells (`anndata.AnnData`): Real cells (integer counts, `[N, genes]`, in `X` or in `layers[layer]`); `obs`
+                holds their source labels.
             target_conditions (`dict` or `pandas.DataFrame`, *optional*): Labels to change, e.g.
                 `{"condition": "stimulated"}` (one label for all cells) or one label per cell. Covariates left out
                 keep the cell's own label. `None` keeps every label (a round trip; see the assumptions above).
@@ -146,6 +148,7 @@ class SCLDMCounterfactualPipeline(SCLDMPipeline):
                 order, `obs` copied with the target labels written over the source ones and the source labels kept
                 as `source_<covariate>` where they changed), the CSR counts `[N, G]`, or the edited latents `[N, T, D]`.
             return_dict (`bool`, defaults to True): Return a [`SCLDMPipelineOutput`] instead of a tuple.
+            layer (`str`, *optional*): The layer of `cells` holding the raw counts (None: `X`).
         """
         self.check_inputs(num_inference_steps, batch_size, output_type)
         if edit_method not in EDIT_METHODS:
@@ -154,7 +157,7 @@ class SCLDMCounterfactualPipeline(SCLDMPipeline):
         source_ids, target_ids = self.conditioner.encode(source), self.conditioner.encode(target)
         check_guidance_scale(source_guidance_scale, list(source_ids))
         check_guidance_scale(guidance_scale, list(target_ids))
-        dataset, info = anndata_to_dataset(cells, vocab=self.vae.gene_vocab)
+        dataset, info = anndata_to_dataset(cells, vocab=self.vae.gene_vocab, layer=layer)
         measured_columns = torch.as_tensor(info.measured_gene_ids, device=self._execution_device) - 1
         device = self._execution_device
         vae_latents = torch.from_numpy(encode_dataset(self.vae, dataset, batch_size=batch_size)).to(device)
@@ -188,10 +191,13 @@ class SCLDMCounterfactualPipeline(SCLDMPipeline):
         else:
             edited = sp.vstack(outputs, format="csr")
             if output_type == "anndata":
+                provenance = self.provenance(generator, guidance_scale, num_inference_steps, edit_method=edit_method,
+                                             source_guidance_scale=source_guidance_scale, layer=layer)
                 edited = ad.AnnData(
                     X=edited,
                     obs=self.edited_obs(cells.obs, source, target),
                     var=pd.DataFrame(index=pd.Index(self.vae.config.gene_names, name="gene")),
+                    uns={"scldm_hf": provenance},
                 )
         if not return_dict:
             return (edited,)

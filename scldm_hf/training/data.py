@@ -44,21 +44,25 @@ def prepare_corpus(
     accelerator: Accelerator,
     vocab: GeneVocab | None = None,
     covariates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    adata: ad.AnnData | None = None,
 ) -> tuple[datasets.Dataset, CorpusInfo]:
-    """Open ``config.data`` as a corpus; with a `vocab`, its genes must be exactly that vocabulary.
+    """Open ``config.data`` (or the in-memory `adata`) as a corpus; with a `vocab`, its genes must be exactly that
+    vocabulary.
 
     A corpus folder, or the Hub dataset id of one (at ``config.data_revision``), is used as is. An ``.h5ad`` file or a built-in name (``pbmc68k``) is converted once, by the main
     process, into ``<output_dir>/corpus`` with `covariates` (default ``config.covariates``; a mapping fixes the label
     order) and reused by later runs in the same output folder (e.g. after a crash) while the file (path, size,
-    modification time), covariates, layer and vocabulary are unchanged; otherwise it is converted again.
+    modification time), covariates, layer and vocabulary are unchanged; otherwise it is converted again. An `adata`
+    (counts in ``X`` or ``layers[config.layer]``) replaces ``config.data``, which then only names it (card,
+    ``training_config.yaml``); having no file to compare, it is converted on every run.
     """
     source = Path(config.data)
-    if (source / CORPUS_FILE_NAME).is_file():
+    if adata is None and (source / CORPUS_FILE_NAME).is_file():
         corpus_dir = source
     elif hub_id(config.data):
         corpus_dir = resolve_corpus_dir(config.data, config.data_revision)
     else:
-        if config.data not in BUILTIN_DATASETS and not (source.is_file() and source.suffix == ".h5ad"):
+        if adata is None and config.data not in BUILTIN_DATASETS and not (source.is_file() and source.suffix == ".h5ad"):
             raise ConfigurationError(
                 f"data={config.data!r} is neither a corpus folder (with {CORPUS_FILE_NAME}), the Hub dataset id of "
                 f"one, an .h5ad file nor one of {sorted(BUILTIN_DATASETS)}; convert your AnnData with "
@@ -66,16 +70,20 @@ def prepare_corpus(
             )
         corpus_dir = Path(config.output_dir) / "corpus"
         chosen = config.covariates if covariates is None else covariates
-        key = _corpus_key(config, chosen, vocab)
+        key = None if adata is not None else _corpus_key(config, chosen, vocab)
         with accelerator.main_process_first():
-            if accelerator.is_main_process and not _cache_matches(corpus_dir, key, CORPUS_KEY_FILE):
-                adata_or_path = BUILTIN_DATASETS[config.data]() if config.data in BUILTIN_DATASETS else source
+            if accelerator.is_main_process and (key is None or not _cache_matches(corpus_dir, key, CORPUS_KEY_FILE)):
+                if adata is not None:
+                    adata_or_path = adata
+                else:
+                    adata_or_path = BUILTIN_DATASETS[config.data]() if config.data in BUILTIN_DATASETS else source
                 info = anndata_to_corpus(adata_or_path, corpus_dir, vocab=vocab, covariates=chosen, layer=config.layer,
                                          overwrite=True)
-                if config.data in BUILTIN_SOURCES:
+                if adata is None and config.data in BUILTIN_SOURCES:
                     info.source = BUILTIN_SOURCES[config.data]
                     info.save(corpus_dir)
-                (corpus_dir / CORPUS_KEY_FILE).write_text(json.dumps(key))
+                if key is not None:  # a replaced corpus folder holds no key, so no later run reuses it by mistake
+                    (corpus_dir / CORPUS_KEY_FILE).write_text(json.dumps(key))
     dataset, info = load_corpus(corpus_dir)
     if vocab is not None and info.genes != vocab.genes:
         raise VocabularyError(

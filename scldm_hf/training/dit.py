@@ -9,6 +9,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Mapping
 
+import anndata as ad
 import datasets
 import torch
 from accelerate import Accelerator
@@ -69,18 +70,20 @@ class FlowMatchingObjective(nn.Module):
         )
 
 
-def train_dit(config: DiTTrainingConfig, card_metrics: CardMetrics | None = None) -> SCLDMPipeline:
+def train_dit(config: DiTTrainingConfig, card_metrics: CardMetrics | None = None,
+              adata: ad.AnnData | None = None) -> SCLDMPipeline:
     """Train a latent DiT from scratch on the latents of ``config.vae_name_or_path``; returns the saved pipeline.
 
     `card_metrics` scores the model card's generation metrics (``num_eval_cells`` > 0); without it the card reports
-    the held-out flow-matching loss only.
+    the held-out flow-matching loss only. `adata`: train on these in-memory cells instead of ``config.data`` (see
+    `prepare_corpus`).
     """
     if not config.vae_name_or_path:
         raise ConfigurationError("train_dit needs vae_name_or_path: the stage-1 output folder (train_vae.py).")
     accelerator = build_accelerator(config)
     set_seed(config.seed)
     vae = load_vae(config.vae_name_or_path)
-    dataset, info = prepare_corpus(config, accelerator, vocab=vae.gene_vocab)
+    dataset, info = prepare_corpus(config, accelerator, vocab=vae.gene_vocab, adata=adata)
     covariates = conditioned_covariates(config, list(info.covariates))
     transformer = LatentDiTTransformer(
         num_latent_tokens=vae.config.num_latent_tokens,

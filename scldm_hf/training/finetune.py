@@ -9,6 +9,7 @@ as is (``freeze_vae``) or first fine-tuned on the new cells.
 import dataclasses
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import torch
 from accelerate.logging import get_logger
@@ -29,19 +30,21 @@ logger = get_logger(__name__)
 VAE_FINETUNE_DIR = "vae_finetune"
 
 
-def finetune(config: FinetuneConfig, card_metrics: CardMetrics | None = None) -> SCLDMPipeline:
+def finetune(config: FinetuneConfig, card_metrics: CardMetrics | None = None,
+             adata: ad.AnnData | None = None) -> SCLDMPipeline:
     """Fine-tune ``config.pipeline_name_or_path`` on ``config.data``; returns the saved pipeline.
 
-    `card_metrics` scores the cards' metrics (see `train_vae` and `train_dit`).
+    `card_metrics` scores the cards' metrics (see `train_vae` and `train_dit`); `adata` replaces ``config.data``
+    with in-memory cells (see `prepare_corpus`).
     """
     pretrained_dir = resolve_model_path(config.pipeline_name_or_path, config.local_files_only)
-    vae = train_vae(vae_finetune_config(config, pretrained_dir), card_metrics) if not config.freeze_vae else None
+    vae = train_vae(vae_finetune_config(config, pretrained_dir), card_metrics, adata) if not config.freeze_vae else None
     accelerator = build_accelerator(config)
     set_seed(config.seed)
     pipeline = load_pipeline(pretrained_dir)
     if vae is not None:
         pipeline.register_modules(vae=vae)
-    dataset, info = prepare_corpus(config, accelerator, vocab=pipeline.vae.gene_vocab)
+    dataset, info = prepare_corpus(config, accelerator, vocab=pipeline.vae.gene_vocab, adata=adata)
     covariates = conditioned_covariates(config, list(info.covariates))
 
     old_num_labels = dict(pipeline.transformer.config.covariate_num_labels)

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import anndata as ad
 import numpy as np
 import torch
 from accelerate.utils import set_seed
@@ -21,15 +22,17 @@ from .model_card import VAE_TEMPLATE, DataProvenance, render_model_card
 MAX_EVALUATION_CELLS = 2000
 
 
-def train_vae(config: VAETrainingConfig, card_metrics: CardMetrics | None = None) -> SCVAEModel:
+def train_vae(config: VAETrainingConfig, card_metrics: CardMetrics | None = None,
+              adata: ad.AnnData | None = None) -> SCVAEModel:
     """Train (or, with ``init_from``, fine-tune) the VAE, save it in ``config.output_dir`` and return it.
 
     `card_metrics` adds reconstruction metrics of the held-out cells to the card (default: validation loss only).
+    `adata`: train on these in-memory cells instead of ``config.data`` (see `prepare_corpus`).
     """
     accelerator = build_accelerator(config)
     set_seed(config.seed)
     model = load_vae(config.init_from) if config.init_from else None
-    dataset, info = prepare_corpus(config, accelerator, vocab=model.gene_vocab if model else None)
+    dataset, info = prepare_corpus(config, accelerator, vocab=model.gene_vocab if model else None, adata=adata)
     if model is None:
         model = SCVAEModel(SCVAEConfig(gene_names=info.genes, **dataclasses.asdict(config.model)))
     train, validation = split_train_validation(dataset, config.validation_fraction, config.seed)
