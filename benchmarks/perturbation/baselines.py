@@ -91,7 +91,7 @@ def decode(pipeline: SCLDMPipeline, latents: torch.Tensor, library_size: torch.T
 
 
 def vae_latent_arithmetic(pipeline_dir: Path, fold: Fold, seed: int) -> sp.csr_matrix:
-    """The same latent arithmetic in our own VAE (the fold's from-scratch scLDM's): what the DiT adds over it."""
+    """The same latent arithmetic in our own VAE (the pipeline's at `pipeline_dir`): what the DiT adds over it."""
     pipeline = SCLDMPipeline.from_pretrained(pipeline_dir)
     latents = encode(pipeline, fold.control) + latent_shift(fold, encode(pipeline, fold.train))
     return decode(pipeline, latents, library_sizes(fold.control), fold.genes, seed)
