@@ -29,17 +29,17 @@ def _parse_conditions(pairs: list[str]) -> dict[str, str] | None:
     return conditions
 
 
-def _check_output_path(path: str, overwrite: bool) -> Path:
+def _check_output_path(path: str, overwrite: bool, option: str = "--out") -> Path:
     """Refuse, before any work, an output that exists (without --overwrite) or cannot be written."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise ConfigurationError(f"{path} already exists: choose another --out, or pass --overwrite to replace it.")
+        raise ConfigurationError(f"{path} already exists: choose another {option}, or pass --overwrite to replace it.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigurationError(f"cannot create the folder of {path} ({error.strerror}): choose another --out.") from error
+        raise ConfigurationError(f"cannot create the folder of {path} ({error.strerror}): choose another {option}.") from error
     if not os.access(path.parent, os.W_OK):
-        raise ConfigurationError(f"{path.parent} is not writable: choose another --out.")
+        raise ConfigurationError(f"{path.parent} is not writable: choose another {option}.")
     return path
 
 
@@ -55,6 +55,7 @@ def _convert(args) -> str:
     from scldm_hf.data.corpus import DEFAULT_MIN_VOCAB_OVERLAP
     from scldm_hf.loading import load_gene_vocab
 
+    _check_output_path(args.output_dir, args.overwrite, option="output_dir")
     vocab = load_gene_vocab(args.vocab) if args.vocab else None
     min_overlap = DEFAULT_MIN_VOCAB_OVERLAP if args.min_vocab_overlap is None else args.min_vocab_overlap
     info = anndata_to_corpus(
@@ -109,7 +110,11 @@ def _read_conditions_file(path: str):
 
     if not Path(path).is_file():
         raise InputDataError(f"No conditions file at {path}: pass a CSV with one column per covariate, one row per cell.")
-    conditions = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        conditions = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except ValueError as error:  # pandas' EmptyDataError/ParserError, UnicodeDecodeError
+        raise InputDataError(f"{path} cannot be read as CSV ({type(error).__name__}: {error}): write a UTF-8 CSV "
+                             "with a header of covariate names and one row of labels per cell.") from error
     if conditions.empty:
         raise InputDataError(f"{path} has no rows: write one row of labels per cell to generate.")
     return conditions
@@ -119,6 +124,7 @@ def _read_h5ad(path: str, what: str):
     """The AnnData at `path`, with unique gene names."""
     import anndata
 
+    from scldm_hf.data.corpus import H5AD_REWRITE_FIX
     from scldm_hf.validation import check_unique_var_names
 
     if not Path(path).is_file():
@@ -127,8 +133,7 @@ def _read_h5ad(path: str, what: str):
         adata = anndata.read_h5ad(path)
     except Exception as error:  # h5py/anndata raise OSError, KeyError, ... on truncated or foreign files
         raise InputDataError(
-            f"The {what} file {path} cannot be read as .h5ad ({type(error).__name__}: {error}); it is truncated, "
-            "empty or not an AnnData: write it again with adata.write_h5ad(path)."
+            f"The {what} file {path} cannot be read as .h5ad ({type(error).__name__}: {error}); {H5AD_REWRITE_FIX}."
         ) from error
     try:
         check_unique_var_names(adata.var_names)

@@ -8,7 +8,9 @@ only the safetensors headers (tensor names and shapes), and then call ``from_pre
 
 from __future__ import annotations
 
+import inspect
 import json
+import typing
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -44,6 +46,24 @@ def resolve_model_path(name_or_path: str | PathLike, local_files_only: bool = Fa
                         fix="pass the folder of a saved model")
 
 
+def read_json_file(path: str | PathLike) -> dict:
+    """The JSON object of a config file (``config.json``, ``model_index.json``, ...); a missing, empty, malformed or
+    non-object file raises ``CheckpointError``."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(
+            f"{path} is not a valid JSON file ({type(error).__name__}: {error}): the save was interrupted or the file "
+            f"was edited; {_RESAVE_FIX}."
+        ) from error
+    if not isinstance(values, dict):
+        raise CheckpointError(
+            f"{path} holds a JSON {type(values).__name__}, not an object of settings: the file was edited; {_RESAVE_FIX}."
+        )
+    return values
+
+
 def check_safetensors_file(path: str | PathLike) -> dict[str, tuple[int, ...]]:
     """Read the header of a ``.safetensors`` file -> ``{tensor name: shape}``; a missing, truncated or corrupted
     file raises ``CheckpointError``. Tensor data is not loaded."""
@@ -63,7 +83,7 @@ def _weight_shapes(folder: Path, weights_name: str) -> dict[str, tuple[int, ...]
     """Tensor shapes of a model folder's safetensors weights, single file or sharded (``<name>.index.json``)."""
     index = folder / f"{weights_name}.index.json"
     if not (folder / weights_name).is_file() and index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json_file(index).get("weight_map", {}).values()))
         return {name: shape for shard in shards for name, shape in check_safetensors_file(folder / shard).items()}
     pickled = sorted(path.name for path in folder.iterdir() if path.suffix in PICKLE_SUFFIXES)
     if pickled and not (folder / weights_name).is_file():
@@ -96,6 +116,7 @@ def check_weights_match_config(model_class, folder: str | PathLike, weights_name
     meta device (no memory, no initialisation) only to read its parameter shapes.
     """
     folder = check_model_folder(folder, required=(CONFIG_NAME,))
+    read_json_file(folder / CONFIG_NAME)
     found = _weight_shapes(folder, weights_name)
     with torch.device("meta"):
         if issubclass(model_class, PreTrainedModel):
@@ -146,10 +167,29 @@ def _pipeline_components() -> dict[str, tuple[type | None, str, str | None]]:
     }
 
 
+def _check_pipeline_index(folder: Path) -> None:
+    """``model_index.json`` names each component as a ``[library, class]`` pair of a class SCLDMPipeline loads."""
+    from .pipelines.pipeline_scldm import SCLDMPipeline
+
+    index_path = folder / PIPELINE_INDEX_NAME
+    index = read_json_file(index_path)
+    schedulers = typing.get_args(inspect.signature(SCLDMPipeline.__init__).parameters["scheduler"].annotation)
+    for component, (model_class, _, _) in _pipeline_components().items():
+        accepted = [cls.__name__ for cls in ([model_class] if model_class else schedulers)]
+        entry = index.get(component)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] in accepted):
+            raise CheckpointError(
+                f"{index_path} names the {component!r} component {entry!r}; an SCLDMPipeline {component} is "
+                f"[library, class] with class one of {accepted}: restore the {PIPELINE_INDEX_NAME} saved with the "
+                f"pipeline, or {_RESAVE_FIX}."
+            )
+
+
 def check_pipeline_folder(path: str | PathLike) -> Path:
-    """Check a saved ``SCLDMPipeline`` folder: ``model_index.json``, every component's config and safetensors
-    weights, and that each model's weights fit its config."""
+    """Check a saved ``SCLDMPipeline`` folder: ``model_index.json`` and the classes it names, every component's
+    config and safetensors weights, and that each model's weights fit its config."""
     folder = check_model_folder(path, required=(PIPELINE_INDEX_NAME,))
+    _check_pipeline_index(folder)
     for component, (model_class, config_name, weights_name) in _pipeline_components().items():
         component_folder = folder / component
         if not (component_folder / config_name).is_file():
@@ -158,7 +198,9 @@ def check_pipeline_folder(path: str | PathLike) -> Path:
                 f"missing): an SCLDMPipeline needs vae, transformer, scheduler and conditioner; {_RESAVE_FIX} "
                 "(pipe.save_pretrained(folder))."
             )
-        if model_class is not None:
+        if model_class is None:
+            read_json_file(component_folder / config_name)
+        else:
             check_weights_match_config(model_class, component_folder, weights_name)
     return folder
 
@@ -178,11 +220,18 @@ def load_gene_vocab(path: str | PathLike) -> GeneVocab:
     path = Path(path)
     for config_path in (path / CONFIG_NAME, path / "vae" / CONFIG_NAME):
         if config_path.is_file():
-            genes = json.loads(config_path.read_text()).get("gene_names")
+            genes = read_json_file(config_path).get("gene_names")
             if genes:
                 return GeneVocab(genes)
     if path.is_file() or (path / VOCAB_FILE_NAME).is_file():
-        return GeneVocab.load(path)
+        vocab_path = path if path.is_file() else path / VOCAB_FILE_NAME
+        genes = read_json_file(vocab_path).get("genes")
+        if not isinstance(genes, list) or not genes:
+            raise CheckpointError(
+                f"{vocab_path} has no list of gene names under \"genes\": pass a {VOCAB_FILE_NAME} written by "
+                "GeneVocab.save, or a saved VAE or pipeline folder."
+            )
+        return GeneVocab(genes)
     raise CheckpointError(
         f"No gene vocabulary at {path}: pass a {VOCAB_FILE_NAME} file, a folder holding one, or a saved VAE or "
         "pipeline folder."

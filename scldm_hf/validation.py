@@ -165,6 +165,9 @@ def check_chunk_size(chunk_size) -> None:
 
 def check_vocab_overlap(fraction: float, min_fraction: float) -> None:
     """Raise ``VocabularyError`` if only ``fraction`` of the vocabulary genes are measured (below ``min_fraction``)."""
+    if not 0 <= min_fraction <= 1:
+        raise ConfigurationError(f"min_vocab_overlap={min_fraction} must be a fraction between 0 and 1 "
+                                 "(e.g. --min-vocab-overlap 0.3).")
     if fraction < min_fraction:
         raise VocabularyError(
             f"Only {fraction:.1%} of the vocabulary genes are measured in the data (minimum {min_fraction:.1%}): "

@@ -4,6 +4,7 @@ The happy path is one chain (convert -> train vae -> train dit -> generate -> ev
 `training/configs/tiny.yaml` cut to 2 steps; each command has its own test of what it wrote.
 """
 
+import json
 import re
 import shutil
 import subprocess
@@ -273,6 +274,43 @@ def test_convert_vocabulary_overlap_minimum_is_configurable(workdir, tmp_path, c
 def test_bad_command_lines(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     assert re.search(message, run_error(argv, capsys))
+
+
+def test_bad_files_are_one_error_line(workdir, tmp_path, monkeypatch, capsys):
+    """Malformed recipes, conditions files and h5ad files, and outputs that cannot be written (issue 18, WEAK)."""
+    monkeypatch.chdir(tmp_path)
+    Path("syntax.yaml").write_text("vae: [1, 2\nlearning_rate: : 3\n")
+    Path("section.yaml").write_text("vae: [1, 2]\n")
+    Path("empty.h5ad").write_bytes(b"")
+    Path("binary.csv").write_bytes(b"\xff\xfe\x00garbage\n")
+    real = workdir / "real.h5ad"
+    cases = [
+        (["train", "vae", "--config", "syntax.yaml"], r"config file syntax\.yaml is not valid YAML: while parsing"),
+        (["train", "vae", "--config", "section.yaml"],
+         r"section 'vae' of config file section\.yaml must be a mapping of option: value, not list \[1, 2\]"),
+        (["train", "vae", "--config", TINY, "--data", "empty.h5ad", "--output_dir", "run"],
+         r"empty\.h5ad cannot be read as \.h5ad \(.*\); it is truncated, empty or not an AnnData"),
+        (["convert", "empty.h5ad", "corpus"], r"empty\.h5ad cannot be read as \.h5ad"),
+        (["convert", real, "empty.h5ad/corpus"], r"cannot create the folder of empty\.h5ad/corpus .*choose another output_dir"),
+        (["convert", real, "corpus", "--min-vocab-overlap", "nan"], r"min_vocab_overlap=nan must be a fraction"),
+        (["generate", "pipe", "--conditions-file", "empty.h5ad"],
+         r"empty\.h5ad cannot be read as CSV \(EmptyDataError: .*\): write a UTF-8 CSV"),
+        (["generate", "pipe", "--conditions-file", "binary.csv"], r"binary\.csv cannot be read as CSV \(UnicodeDecodeError"),
+    ]
+    for argv, message in cases:
+        line = run_error(argv, capsys)
+        assert re.search(message, line), (argv, line)
+    assert not Path("corpus").exists() and not any(Path("run").iterdir())  # the training loop made `run` empty
+
+
+def test_generate_refuses_a_model_index_of_other_classes(trained, tmp_path, capsys):
+    folder = tmp_path / "pipeline"
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "DDPMScheduler"]}))
+    line = run_error(["generate", folder, "--out", tmp_path / "x.h5ad"], capsys)
+    assert "names the 'scheduler' component ['diffusers', 'DDPMScheduler']" in line
+    assert "'FlowMatchEulerDiscreteScheduler'" in line and not (tmp_path / "x.h5ad").exists()
 
 
 @pytest.mark.parametrize(

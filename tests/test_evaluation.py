@@ -102,6 +102,27 @@ def test_evaluate_generation_rejects_unusable_inputs(pbmc_splits):
         evaluate_generation(test, other, LABEL_KEY, reference=train, min_cells=3)
 
 
+@pytest.mark.parametrize("side", ["real", "generated", "reference", "real_floor"])
+@pytest.mark.parametrize("num_cells", [0, 1, 5])
+def test_evaluation_of_too_few_cells_is_an_error(pbmc_splits, side, num_cells):
+    train, test, other = pbmc_splits
+    samples = {"real": test, "generated": other, "reference": train, "real_floor": other}
+    samples[side] = samples[side][:num_cells].copy()
+    with pytest.raises(InputDataError, match=rf"The {side} sample has {num_cells} cells; scoring needs at least 6"):
+        evaluate_generation(samples["real"], samples["generated"], LABEL_KEY, reference=samples["reference"],
+                            real_floor=samples["real_floor"])
+
+
+def test_evaluation_without_a_label_shared_by_enough_cells_is_an_error(pbmc_splits):
+    train, test, other = pbmc_splits
+    labels = test.obs[LABEL_KEY].astype(str)
+    real = test[labels == "CD14+ Monocyte"][:20].copy()
+    generated = other[other.obs[LABEL_KEY].astype(str) == "CD19+ B"][:20].copy()
+    with pytest.raises(InputDataError, match=r"No group has 6 comparable cells on every side, even with the labels "
+                                             r"below min_cells pooled \(.*generated 20 -> 0.*\): pass at least 6 cells"):
+        evaluate_generation(real, generated, LABEL_KEY, reference=train)
+
+
 def test_reconstruction_metrics_reward_the_true_mean():
     rng = np.random.default_rng(0)
     mean = torch.as_tensor(rng.gamma(0.5, 4.0, size=(200, 50)), dtype=torch.float32)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -109,6 +110,36 @@ def test_malformed_anndata_raises_in_memory_and_backed(counts, tmp_path, case, b
     with pytest.raises(error, match=message):
         anndata_to_corpus(tmp_path / "bad.h5ad", tmp_path / "corpus", covariates=covariates)
     assert not (tmp_path / "corpus").exists() and list(tmp_path.iterdir()) == [tmp_path / "bad.h5ad"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "cannot be read as .h5ad"), (b"not hdf5 at all", "cannot be read as .h5ad"), (None, "has no obs, var, X")],
+    ids=["empty", "text", "hdf5_without_anndata"],
+)
+def test_unreadable_h5ad_files_are_named(counts, tmp_path, content, message):
+    path = tmp_path / "cells.h5ad"
+    if content is None:
+        with h5py.File(path, "w") as file:
+            file["something"] = np.zeros(3)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(InputDataError, match=rf"{re.escape(str(path))} {message}.*write it again with adata\.write_h5ad"):
+        anndata_to_corpus(path, tmp_path / "corpus")
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_truncated_h5ad_is_named(counts, tmp_path):
+    counts.write_h5ad(tmp_path / "cells.h5ad")
+    truncate(tmp_path / "cells.h5ad", keep=0.3)
+    with pytest.raises(InputDataError, match=r"cells\.h5ad cannot be read as \.h5ad \(.*truncated file"):
+        anndata_to_corpus(tmp_path / "cells.h5ad", tmp_path / "corpus")
+
+
+@pytest.mark.parametrize("minimum", [-0.1, 1.5, float("nan")])
+def test_vocabulary_overlap_minimum_must_be_a_fraction(counts, minimum):
+    with pytest.raises(ConfigurationError, match=rf"min_vocab_overlap={minimum} must be a fraction between 0 and 1"):
+        anndata_to_dataset(counts, vocab=GeneVocab(list(counts.var_names)), min_vocab_overlap=minimum)
 
 
 def test_genes_outside_the_vocabulary_report_the_overlap(counts):
@@ -327,6 +358,44 @@ def test_missing_folders_and_files(saved, tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"Weights file .*model\.safetensors is missing"):
         load_vae(folder)
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "[1, 2]"], ids=["malformed", "empty", "list"])
+@pytest.mark.parametrize("config", ["model_index.json", "vae/config.json", "transformer/config.json",
+                                    "conditioner/config.json", "scheduler/scheduler_config.json"])
+def test_unreadable_json_configs_are_named(saved, tmp_path, config, text):
+    folder = broken_copy(saved / "pipeline", tmp_path)
+    (folder / config).write_text(text)
+    message = "holds a JSON list, not an object" if text.startswith("[") else r"is not a valid JSON file \(JSONDecodeError"
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder / config))} {message}.*re-save it"):
+        load_pipeline(folder)
+
+
+@pytest.mark.parametrize(
+    ("component", "entry"),
+    [("scheduler", ["diffusers", "DDPMScheduler"]), ("scheduler", ["diffusers", "StableDiffusionPipeline"]),
+     ("scheduler", ["os", "system"]), ("scheduler", None), ("vae", ["transformers", "BertModel"]),
+     ("transformer", "LatentDiTTransformer")],
+)
+def test_model_index_naming_other_classes_is_refused(saved, tmp_path, component, entry):
+    folder = broken_copy(saved / "pipeline", tmp_path)
+    edit_config(folder / "model_index.json", **{component: entry})
+    with pytest.raises(CheckpointError, match=rf"names the '{component}' component {re.escape(repr(entry))}; an "
+                                              rf"SCLDMPipeline {component} is \[library, class\] with class one of"):
+        load_pipeline(folder)
+
+
+def test_unreadable_gene_vocabularies_are_named(saved, tmp_path):
+    (tmp_path / "gene_vocab.json").write_text("{truncated")
+    with pytest.raises(CheckpointError, match=r"gene_vocab\.json is not a valid JSON file"):
+        load_gene_vocab(tmp_path / "gene_vocab.json")
+    (tmp_path / "other.json").write_text('{"names": ["CD3D"]}')
+    with pytest.raises(CheckpointError, match=r"other\.json has no list of gene names under \"genes\""):
+        load_gene_vocab(tmp_path / "other.json")
+    folder = broken_copy(saved / "vae", tmp_path)
+    (folder / "config.json").write_text("")
+    with pytest.raises(CheckpointError, match=r"vae/config\.json is not a valid JSON file"):
+        load_gene_vocab(folder)
 
 
 def test_pickled_weights_are_refused(saved, tmp_path):

@@ -89,6 +89,14 @@ def test_planted_checkpoint_pickle_never_runs(copy_of, corpus, tmp_path):
     assert not marker.exists(), "code planted in optimizer.bin ran"
 
 
+def test_truncated_checkpoint_weights_are_a_checkpoint_error(copy_of, corpus):
+    weights = copy_of / "checkpoints" / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"checkpoint-4 could not be restored \(.*\); it does not match this "
+                                              r"model/configuration or is damaged"):
+        train_vae(vae_config(data=str(corpus), output_dir=str(copy_of), resume_from_checkpoint="latest"))
+
+
 def test_resume_continues_where_the_run_stopped(checkpointed, copy_of, corpus):
     resumed = train_vae(vae_config(data=str(corpus), output_dir=str(copy_of), resume_from_checkpoint="latest"))
     assert [path.name for path in list_checkpoints(copy_of / "checkpoints")] == ["checkpoint-4", "checkpoint-8"]

@@ -53,6 +53,7 @@ DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_MAX_SHARD_SIZE = "500MB"
 DEFAULT_MIN_VOCAB_OVERLAP = 0.01
 STAGING_SUFFIX = ".tmp"
+H5AD_REWRITE_FIX = "it is truncated, empty or not an AnnData: write it again with adata.write_h5ad(path)"
 # Columns of every cell row (and the latent cache's ``latents``): no covariate may take their names.
 RESERVED_COLUMN_NAMES = ("cell_id", "gene_ids", "counts", "library_size", "latents")
 
@@ -143,7 +144,14 @@ def _open_counts(adata_or_path: ad.AnnData | str | PathLike, layer: str | None) 
     path = Path(adata_or_path)
     if not path.is_file():
         raise InputDataError(f"No .h5ad file at {path}.")
-    with h5py.File(path, "r") as file:
+    try:
+        file = h5py.File(path, "r")
+    except OSError as error:
+        raise InputDataError(f"{path} cannot be read as .h5ad ({error}); {H5AD_REWRITE_FIX}.") from error
+    with file:
+        missing = [key for key in ("obs", "var", *(("X",) if layer is None else ())) if key not in file]
+        if missing:
+            raise InputDataError(f"{path} has no {', '.join(missing)}: it is not an AnnData; {H5AD_REWRITE_FIX}.")
         layers = file.get("layers", {})
         if layer is not None and layer not in layers:
             raise InputDataError(f"Layer {layer!r} not found in {path}; available layers: {', '.join(layers) or 'none'}.")

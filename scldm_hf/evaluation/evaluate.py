@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from tqdm.auto import tqdm
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, InputDataError
 from ..validation import check_classifier_labels
 from .classifiers import cell_type_f1, real_vs_generated_auroc
 from .distribution import distribution_metrics
@@ -116,6 +116,10 @@ def evaluate_generation(
     if min_cells < MIN_SCORABLE_CELLS:
         raise ConfigurationError(f"min_cells={min_cells} is below {MIN_SCORABLE_CELLS}, the fewest cells a group "
                                  "can be scored on (5-NN balls, 5-fold AUROC); pass a larger min_cells.")
+    for name, cells in (("real", real), ("generated", generated), ("reference", reference), ("real_floor", real_floor)):
+        if cells is not None and cells.n_obs < MIN_SCORABLE_CELLS:
+            raise InputDataError(f"The {name} sample has {cells.n_obs} cells; scoring needs at least "
+                                 f"{MIN_SCORABLE_CELLS} (5-NN balls, 5-fold AUROC): pass more {name} cells.")
     rng = np.random.default_rng(seed)
     cell_type_key = condition_key if cell_type_key is None else cell_type_key
     samples = {"real": Sample.of(real, "real", condition_key, cell_type_key, layer)}
@@ -143,6 +147,12 @@ def evaluate_generation(
     groups, group_notes = equal_count_groups({side: sample.labels for side, sample in samples.items()},
                                              min_cells, max_cells_per_condition, rng)
     notes += group_notes
+    if all(len(cells["real"]) < MIN_SCORABLE_CELLS for cells in groups.values()):
+        halved = f" ({2 * MIN_SCORABLE_CELLS} real: they are split in half for the floor)" if real_floor is None else ""
+        raise InputDataError(
+            f"No group has {MIN_SCORABLE_CELLS} comparable cells on every side, even with the labels below min_cells "
+            f"pooled ({group_notes[-1]}): pass at least {MIN_SCORABLE_CELLS} cells of a label per side{halved}."
+        )
     pcs = {side: pca.transform(sample.log) for side, sample in samples.items()}
 
     rows = {}

@@ -334,8 +334,12 @@ def _read_recipe(path: str | Path, section: str) -> dict:
         raise ConfigurationError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(recipe, dict):
         raise ConfigurationError(f"config file {path} must be a mapping of option: value.")
+    stage_values = recipe.get(section) or {}
+    if not isinstance(stage_values, dict):
+        raise ConfigurationError(f"section {section!r} of config file {path} must be a mapping of option: value, "
+                                 f"not {type(stage_values).__name__} {stage_values!r}.")
     values = {key: value for key, value in recipe.items() if key not in STAGE_SECTIONS}
-    values.update(recipe.get(section) or {})
+    values.update(stage_values)
     return values
 
 
