@@ -1,6 +1,7 @@
 """The ``scldm`` command line: convert, convert-atlas, convert-original, push-corpus, train, generate, evaluate.
 
-Every ``SCLDMError`` is printed as one line (``error: ...``) with exit code 2; ``--debug`` shows the traceback.
+Every ``SCLDMError`` (and any ``OSError`` of a path the file system refuses) is printed as one line (``error: ...``)
+with exit code 2; ``--debug`` shows the traceback.
 """
 
 import argparse
@@ -296,10 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         print(args.run(args))
-    except SCLDMError as error:
+    except (SCLDMError, OSError) as error:  # OSError not raised by scldm-hf: a path the file system refuses
         if args is not None and args.debug:
             raise
-        print("error:", " ".join(str(error).split()), file=sys.stderr)
+        message = str(error) if isinstance(error, SCLDMError) else f"{error}; check the paths given and their permissions"
+        print("error:", " ".join(message.split()), file=sys.stderr)
         return 2
     return 0
 

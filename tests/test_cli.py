@@ -258,6 +258,7 @@ def test_convert_vocabulary_overlap_minimum_is_configurable(workdir, tmp_path, c
     [
         (["convert", "missing.h5ad", "out"], r"No \.h5ad file at missing\.h5ad"),
         (["convert", "x.h5ad", "out", "--vocab", "nowhere"], r"No gene vocabulary at nowhere"),
+        (["convert", "x.h5ad", "a" * 300], r"\[Errno 36\] File name too long: 'a+'; check the paths given and their perm"),
         (["frobnicate"], r"argument command: invalid choice: 'frobnicate' .*\(see `scldm --help`\)"),
         (["generate", "pipe", "--num-cells", "ten"], r"argument --num-cells: invalid int value: 'ten'"),
         (["generate", "pipe", "--guidance-scale", "strong"], r"argument --guidance-scale: invalid float value"),
