@@ -291,6 +291,8 @@ def test_bad_files_are_one_error_line(workdir, tmp_path, monkeypatch, capsys):
          r"section 'vae' of config file section\.yaml must be a mapping of option: value, not list \[1, 2\]"),
         (["train", "vae", "--config", TINY, "--data", "empty.h5ad", "--output_dir", "run"],
          r"empty\.h5ad cannot be read as \.h5ad \(.*\); it is truncated, empty or not an AnnData"),
+        (["convert-original", "empty.h5ad", "--config", "syntax.yaml", "--output", "out"],
+         r"Config syntax\.yaml is not valid YAML \(while parsing"),
         (["convert", "empty.h5ad", "corpus"], r"empty\.h5ad cannot be read as \.h5ad"),
         (["convert", real, "empty.h5ad/corpus"], r"cannot create the folder of empty\.h5ad/corpus .*choose another output_dir"),
         (["convert", real, "corpus", "--min-vocab-overlap", "nan"], r"min_vocab_overlap=nan must be a fraction"),
