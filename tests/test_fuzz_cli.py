@@ -4,6 +4,7 @@ Hypothesis draws, per subcommand, lists of its real option names with garbage va
 non-numbers, odd paths), unknown options, missing or malformed input files and unwritable outputs, and runs
 `scldm_hf.cli.main(argv)` in-process. No input is ever valid enough to start work (training always gets a `--data`
 that does not exist, generation no loadable model), so the test covers parsing and validation, not training.
+`push-corpus` and the Hub/tracker options of `train` are left out: they would reach the network.
 """
 
 import contextlib
@@ -25,8 +26,9 @@ GARBAGE_VALUES = ["", " ", "0", "-1", "-0.5", "1e30", "-1e30", "nan", "inf", "ab
 ODD_PATHS = ["missing.h5ad", "empty.h5ad", "text.h5ad", "bad.yaml", "list.yaml", "bad.csv", "folder", "pipe",
              "org/repo", "./nowhere/pipe", "/dev/null/x", "a" * 300]
 UNKNOWN_OPTIONS = ["--frobnicate", "-x", "--num_cells", "--model.hiden_size", "--out=", "---", "--data.x", "-"]
-# Options that would reach the network (Hub pushes, remote trackers) are never drawn for `train`.
+# Commands and options that would reach the network (Hub pushes, remote trackers) are never drawn.
 NETWORK_OPTIONS = ("hub", "push", "report_to")
+NETWORK_COMMANDS = ("push-corpus",)
 
 
 def option_names(parser) -> list[str]:
@@ -35,9 +37,10 @@ def option_names(parser) -> list[str]:
 
 
 SUBCOMMANDS = next(action for action in build_parser()._actions if action.dest == "command").choices
-COMMAND_OPTIONS = {name: option_names(parser) for name, parser in SUBCOMMANDS.items() if name != "train"}
+COMMAND_OPTIONS = {name: option_names(parser) for name, parser in SUBCOMMANDS.items()
+                   if name not in ("train", *NETWORK_COMMANDS)}
 STAGE_OPTIONS = {stage: option_names(RecipeParser(config_class, stage)) for stage, (config_class, _) in STAGES.items()}
-POSITIONALS = {"convert": 2, "convert-original": 1, "generate": 1, "evaluate": 2}
+POSITIONALS = {name: sum(not action.option_strings for action in SUBCOMMANDS[name]._actions) for name in COMMAND_OPTIONS}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +112,6 @@ def test_train_command_lines(workdir, monkeypatch, argv):
 
 
 @settings(FUZZ_SETTINGS, max_examples=20)
-@given(argv=st.lists(st.sampled_from(UNKNOWN_OPTIONS + GARBAGE_VALUES + sorted(SUBCOMMANDS)), max_size=4))
+@given(argv=st.lists(st.sampled_from(UNKNOWN_OPTIONS + GARBAGE_VALUES + sorted(COMMAND_OPTIONS)), max_size=4))
 def test_top_level_command_lines(workdir, monkeypatch, argv):
     run_cli(argv, workdir, monkeypatch)
