@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
@@ -30,6 +31,9 @@ from .configuration_scvae import SCVAEConfig
 from .layers import CrossAttentionBlock, SelfAttentionBlock, SoftBinCountEmbedding
 
 _LOG_EPS = 1e-8
+# Largest float32 activation `[B, genes, intermediate]` of one decoder read-out chunk: 16 MiB, half of glibc's
+# default mmap threshold, so chunks reuse heap memory instead of being mapped and page-faulted afresh every step.
+READOUT_CHUNK_BYTES = 16 * 2**20
 
 
 def negative_binomial_log_prob(
@@ -183,7 +187,7 @@ class SCVAEEncoder(nn.Module):
 
 
 class SCVAEDecoder(nn.Module):
-    """Latent tokens `[B, T, D]` + gene queries `[B, G, H]` -> per-gene outputs `[B, G, 1 or 2]`."""
+    """Latent tokens `[B, T, D]` + gene queries `[G, H]` or `[B, G, H]` -> per-gene outputs `[B, G, 1 or 2]`."""
 
     def __init__(self, config: SCVAEConfig):
         super().__init__()
@@ -205,12 +209,44 @@ class SCVAEDecoder(nn.Module):
         )
         per_cell_dispersion = config.likelihood == "negative_binomial" and config.dispersion == "gene-cell"
         self.output_head = nn.Linear(hidden_size, 2 if per_cell_dispersion else 1)
+        self.chunk_size = config.readout_chunk_size
+        self.intermediate_size = config.intermediate_size
 
     def forward(self, latents: torch.Tensor, gene_queries: torch.Tensor) -> torch.Tensor:
+        """`latents [B, T, D]`, `gene_queries [G, H]` (one panel for every cell) or `[B, G, H]` -> `[B, G, 1 or 2]`.
+
+        The per-gene read-out runs in chunks of `readout_chunk_size` genes, so that its `[B, chunk, intermediate]`
+        activations stay small (below glibc's mmap threshold: no page faults each step); in training each chunk is
+        recomputed in the backward pass (`torch.utils.checkpoint`) instead of keeping every chunk's activations.
+        The query LayerNorm and projection, which do not depend on the cell, run once on a shared `[G, H]` panel.
+        """
         hidden_states = self.latent_projection(self.latent_norm(latents))
         for layer in self.layers:
             hidden_states = layer(hidden_states)
-        gene_states = self.gene_readout(gene_queries, hidden_states)
+        key, value = self.gene_readout.project_context(hidden_states)
+        projected_queries = self.gene_readout.project_queries(gene_queries)
+        chunk_size = self.readout_chunk_size(batch_size=latents.shape[0])
+        outputs = []
+        for start in range(0, gene_queries.shape[-2], chunk_size):
+            chunk = (gene_queries[..., start : start + chunk_size, :], projected_queries[..., start : start + chunk_size, :])
+            if torch.is_grad_enabled():
+                outputs.append(checkpoint(self._read_out_genes, *chunk, key, value, use_reentrant=False))
+            else:
+                outputs.append(self._read_out_genes(*chunk, key, value))
+        return torch.cat(outputs, dim=-2)
+
+    def readout_chunk_size(self, batch_size: int) -> int:
+        """Genes per read-out chunk: `config.readout_chunk_size`, or the most whose SwiGLU activations
+        `[batch_size, chunk, intermediate_size]` (float32) fit in `READOUT_CHUNK_BYTES`."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, READOUT_CHUNK_BYTES // (4 * batch_size * self.intermediate_size))
+
+    def _read_out_genes(
+        self, gene_queries: torch.Tensor, projected_queries: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        """One chunk of genes: `gene_queries [g, H]` or `[B, g, H]` and their projection -> `[B, g, 1 or 2]`."""
+        gene_states = self.gene_readout.attend_projected(gene_queries, projected_queries, key, value)
         return self.output_head(self.output_norm(gene_states))
 
 
@@ -348,10 +384,7 @@ class SCVAEModel(PreTrainedModel):
             gene_ids = torch.arange(1, self.config.vocab_size + 1, device=latents.device)
         check_decoder_genes(gene_ids, batch_size=batch_size, vocab_size=self.config.vocab_size)
         check_library_size(library_size, batch_size=batch_size)
-        queries = self.gene_embedding(gene_ids)
-        if queries.dim() == 2:
-            queries = queries.expand(batch_size, -1, -1)
-        outputs = self.decoder(latents, queries)
+        outputs = self.decoder(latents, self.gene_embedding(gene_ids))
         logits = outputs[..., 0]
         if self.config.likelihood == "gaussian":
             mean = torch.expm1(logits).clamp_min(0.0) * library_size[:, None] / self.config.target_sum
