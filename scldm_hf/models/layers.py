@@ -1,6 +1,9 @@
 """Transformer building blocks shared by the scLDM VAE and the latent DiT.
 
-Every block is pre-LayerNorm with residual connections and uses `torch.nn.functional.scaled_dot_product_attention`.
+Every block is pre-LayerNorm with residual connections. Attention over few keys (`FEW_KEYS`) is a plain
+matmul-softmax-matmul, over more keys `torch.nn.functional.scaled_dot_product_attention`. The VAE's blocks are
+transformers `GradientCheckpointingLayer`s, so `SCVAEModel.gradient_checkpointing_enable()` recomputes them in the
+backward pass.
 A `key_padding_mask` is a BoolTensor `[B, K]` where True marks a real token and False a padding token; padding keys get
 exactly zero attention weight, so they have no influence on the output.
 """
@@ -8,6 +11,7 @@ exactly zero attention weight, so they have no influence on the output.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..errors import ConfigurationError
 
@@ -98,7 +102,7 @@ class Attention(nn.Module):
         return self.attend(self.project_queries(hidden_states), key, value, key_padding_mask=key_padding_mask)
 
 
-class SelfAttentionBlock(nn.Module):
+class SelfAttentionBlock(GradientCheckpointingLayer):
     """Pre-LN transformer block: `x + attn(ln(x))`, then `x + swiglu(ln(x))`. `[B, N, H] -> [B, N, H]`."""
 
     def __init__(
@@ -117,7 +121,7 @@ class SelfAttentionBlock(nn.Module):
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
-class CrossAttentionBlock(nn.Module):
+class CrossAttentionBlock(GradientCheckpointingLayer):
     """Pre-LN cross-attention block (the MCAB of scLDM): queries attend to a context, residual on the queries.
 
     `queries [B, Q, H]`, `context [B, K, H]`, `key_padding_mask [B, K]` -> `[B, Q, H]`. With

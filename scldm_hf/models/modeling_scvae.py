@@ -62,12 +62,13 @@ def sample_negative_binomial(
 
     `mean [B, G]`; `inverse_dispersion` broadcastable to it (`[G]` or `[B, G]`), or None for Poisson(mean). The draws
     happen on the generator's device, so a CPU generator works with a GPU model (as in diffusers); the counts come
-    back on `mean`'s device.
+    back on `mean`'s device. The draws are in float32 for any input dtype (CPU has no bf16/fp16 gamma or Poisson
+    sampler).
     """
     sampling_device = generator.device if generator is not None else mean.device
-    rate = mean.to(sampling_device)
+    rate = mean.to(sampling_device, torch.float32)
     if inverse_dispersion is not None:
-        theta = inverse_dispersion.to(sampling_device).expand_as(rate)
+        theta = inverse_dispersion.to(sampling_device, torch.float32).expand_as(rate)
         # torch.distributions.Gamma cannot take a generator; its sampler can.
         rate = torch._standard_gamma(theta, generator=generator) * rate / theta
     return torch.poisson(rate, generator=generator).long().to(mean.device)
@@ -261,6 +262,7 @@ class SCVAEModel(PreTrainedModel):
     base_model_prefix = "scvae"
     main_input_name = "gene_ids"
     _no_split_modules = ["SelfAttentionBlock", "CrossAttentionBlock"]
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: SCVAEConfig):
         super().__init__(config)
@@ -315,14 +317,16 @@ class SCVAEModel(PreTrainedModel):
     def embed_gene_tokens(
         self, gene_ids: torch.LongTensor, counts: torch.Tensor, library_size: torch.Tensor
     ) -> torch.Tensor:
-        """Gene tokens `[B, L, H]` from `gene_ids [B, L]`, raw `counts [B, L]` and `library_size [B]`."""
+        """Gene tokens `[B, L, H]` (in the model's dtype) from `gene_ids [B, L]`, raw `counts [B, L]` and
+        `library_size [B]` (any float dtype: the count transform runs in float32)."""
         if self.config.count_transform == "normalized_log1p":
-            values = normalized_log1p(counts, library_size, self.config.target_sum)
+            values = normalized_log1p(counts.float(), library_size.float(), self.config.target_sum)
         elif self.config.count_transform == "log1p":
-            values = torch.log1p(counts)
+            values = torch.log1p(counts.float())
         else:
-            values = counts
+            values = counts.float()
         embeddings = self.token_norm(self.gene_embedding(gene_ids))
+        values = values.to(embeddings.dtype)
         if self.count_embedding is not None:
             return embeddings + self.count_embedding(values)
         if self.value_projection is None:
@@ -384,7 +388,8 @@ class SCVAEModel(PreTrainedModel):
             gene_ids = torch.arange(1, self.config.vocab_size + 1, device=latents.device)
         check_decoder_genes(gene_ids, batch_size=batch_size, vocab_size=self.config.vocab_size)
         check_library_size(library_size, batch_size=batch_size)
-        outputs = self.decoder(latents, self.gene_embedding(gene_ids))
+        # the likelihood's parameters are float32 whatever the model's dtype (a bf16 softmax over genes is coarse)
+        outputs = self.decoder(latents.to(self.dtype), self.gene_embedding(gene_ids)).float()
         logits = outputs[..., 0]
         if self.config.likelihood == "gaussian":
             mean = torch.expm1(logits).clamp_min(0.0) * library_size[:, None] / self.config.target_sum
@@ -395,7 +400,7 @@ class SCVAEModel(PreTrainedModel):
         elif self.log_inverse_dispersion is None:
             inverse_dispersion = F.softplus(outputs[..., 1]) + 1e-4
         else:
-            inverse_dispersion = torch.exp(self.log_inverse_dispersion[gene_ids])
+            inverse_dispersion = torch.exp(self.log_inverse_dispersion[gene_ids].float())
         return SCVAEDecoderOutput(mean=mean, inverse_dispersion=inverse_dispersion, logits=logits)
 
     def reconstruction_nll(
