@@ -3,14 +3,15 @@
 For the demo recipe's VAE (`training/configs/pbmc_demo.yaml`) and the scLDM-base-scale VAE (128 x 16 latent, width
 128, 2 + 2 self-attention blocks) at G genes, one training step (forward, backward, AdamW) on a batch of 64 synthetic
 cells (gamma-Poisson counts, ~10 % of genes expressed; timing does not depend on the values) is timed after one
-warm-up step; s/step is the median of `--steps` steps. FLOP/step is counted by `torch.utils.flop_counter.FlopCounterMode`
-on one step (work recomputed by checkpointing counts: it is done); the peak is the best float32 (and bf16) 2048 x 2048
-matmul in the same process. Page faults are minor faults (`resource.getrusage`) per step. scVI (library defaults, NB
-likelihood) trains on the same cells in the same run; its cells/s is cells times epochs over the wall time of
-`SCVI.train`.
+warm-up step; s/step is the median of `--steps` steps. FLOP/step is counted by
+`torch.utils.flop_counter.FlopCounterMode` on one step (work recomputed by checkpointing counts: it is done); the peak
+is the best float32 (and bf16) 2048 x 2048 matmul in the same process. Page faults are minor faults
+(`resource.getrusage`) per step. scVI (library defaults, NB likelihood) trains on the same cells in the same run; its
+cells/s is cells times epochs over the wall time of `SCVI.train`.
 
     python benchmarks/bench_training.py            # G in {765, 2000, 7000}, both VAEs, scVI
-    python benchmarks/bench_training.py --quick    # G = 765 only, 3 steps
+    python benchmarks/bench_training.py --quick    # G = 765 only, 3 steps, bf16 peak at 512^2
+    python benchmarks/bench_training.py --recipes "demo recipe" --genes 2000 7000
 """
 
 import argparse
@@ -41,12 +42,13 @@ RECIPES = {
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--genes", type=int, nargs="+", default=[765, 2000, 7000])
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model (median), after one warm-up step")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scvi-epochs", type=int, default=5, help="0 skips scVI")
     parser.add_argument("--bf16-peak-size", type=int, default=2048,
-                        help="matrix size of the bf16 peak (smaller on CPUs without bf16 instructions, where it is slow)")
+                        help="matrix size of the bf16 peak (smaller where the CPU has no bf16 instructions: slow)")
     parser.add_argument("--quick", action="store_true", help="G = 765 only, 3 steps, 2 scVI epochs, 512^2 bf16 peak")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -139,8 +141,8 @@ def main() -> None:
     for num_genes in args.genes:
         counts = synthetic_counts(10 * args.batch_size, num_genes, generator)
         batch = collate(counts[: args.batch_size])
-        results = {name: time_vae(options, batch, args.steps) for name, options in
-                   tqdm(RECIPES.items(), desc=f"VAEs at G = {num_genes}", total=len(RECIPES), file=sys.stderr)}
+        results = {name: time_vae(RECIPES[name], batch, args.steps)
+                   for name in tqdm(args.recipes, desc=f"VAEs at G = {num_genes}", file=sys.stderr)}
         scvi_speed = (
             f"{scvi_cells_per_second(counts, args.scvi_epochs, args.batch_size, args.seed):.0f}"
             if args.scvi_epochs > 0 else "–"

@@ -74,7 +74,7 @@ class Attention(nn.Module):
         value: torch.Tensor,
         key_padding_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
-        """Projected `query [B or 1, heads, Q, d]` (or `[heads, Q, d]`) over `key, value [B, heads, K, d]` -> `[B, Q, H]`.
+        """Projected `query [B or 1, heads, Q, d]` or `[heads, Q, d]` over `key, value [B, heads, K, d]` -> `[B, Q, H]`.
 
         With few keys (`K <= FEW_KEYS`) the attention is a plain matmul-softmax-matmul, which is faster on CPU than
         the fused kernel there and gives the same numbers; otherwise `scaled_dot_product_attention`.

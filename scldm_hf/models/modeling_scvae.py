@@ -229,7 +229,8 @@ class SCVAEDecoder(nn.Module):
         chunk_size = self.readout_chunk_size(batch_size=latents.shape[0])
         outputs = []
         for start in range(0, gene_queries.shape[-2], chunk_size):
-            chunk = (gene_queries[..., start : start + chunk_size, :], projected_queries[..., start : start + chunk_size, :])
+            genes = slice(start, start + chunk_size)
+            chunk = (gene_queries[..., genes, :], projected_queries[..., genes, :])
             if torch.is_grad_enabled():
                 outputs.append(checkpoint(self._read_out_genes, *chunk, key, value, use_reentrant=False))
             else:
