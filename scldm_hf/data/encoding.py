@@ -51,7 +51,7 @@ def encode_batches(vae, dataset: datasets.Dataset | ad.AnnData, **options) -> It
     from `X` or from `layers[layer]`. `options`: batch_size, collator, show_progress, layer.
     """
     for latents, _ in _encoded_batches(vae, dataset, **options):
-        yield latents.cpu().numpy()
+        yield latents.float().cpu().numpy()  # numpy has no bfloat16
 
 
 def encode_dataset(vae, dataset: datasets.Dataset | ad.AnnData, **options) -> np.ndarray:

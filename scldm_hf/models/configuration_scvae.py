@@ -65,6 +65,9 @@ class SCVAEConfig(PreTrainedConfig):
         gene_cell_dispersion_activation (`"softplus"` or `"exp"`, defaults to `"softplus"`):
             Map from the decoded value to theta with `dispersion="gene-cell"`: `softplus(x) + 1e-4`, or `exp(x)`
             (the released scLDM's unshared theta).
+        readout_chunk_size (`int`, *optional*):
+            Genes per chunk of the decoder's per-gene read-out (results do not depend on it). None (default) picks
+            the most genes whose `[batch, chunk, intermediate_size]` activations fit in 16 MiB.
         layer_norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
         attention_bias (`bool`, defaults to False): Bias in attention and MLP projections.
         initializer_range (`float`, defaults to 0.02): Std of the normal initialisation of linear and embedding weights.
@@ -103,6 +106,7 @@ class SCVAEConfig(PreTrainedConfig):
     normalize_decoder_output: bool = True
     mask_padding_tokens: bool = True
     gene_cell_dispersion_activation: Literal["softplus", "exp"] = "softplus"
+    readout_chunk_size: int | None = None
     layer_norm_eps: float = 1e-6
     attention_bias: bool = False
     initializer_range: float = 0.02
@@ -138,6 +142,10 @@ class SCVAEConfig(PreTrainedConfig):
             raise ConfigurationError(
                 f"SCVAEConfig.thinning_min_fraction={self.thinning_min_fraction} must be in (0, 1], or None for no "
                 "thinning."
+            )
+        if self.readout_chunk_size is not None and self.readout_chunk_size < 1:
+            raise ConfigurationError(
+                f"SCVAEConfig.readout_chunk_size={self.readout_chunk_size} must be >= 1, or None for automatic chunks."
             )
         if self.gene_names is not None and len(set(self.gene_names)) != len(self.gene_names):
             raise ConfigurationError("SCVAEConfig.gene_names contains duplicate genes; make gene names unique.")

@@ -1,6 +1,9 @@
 """Transformer building blocks shared by the scLDM VAE and the latent DiT.
 
-Every block is pre-LayerNorm with residual connections and uses `torch.nn.functional.scaled_dot_product_attention`.
+Every block is pre-LayerNorm with residual connections. Attention over few keys (`FEW_KEYS`) is a plain
+matmul-softmax-matmul, over more keys `torch.nn.functional.scaled_dot_product_attention`. The VAE's blocks are
+transformers `GradientCheckpointingLayer`s, so `SCVAEModel.gradient_checkpointing_enable()` recomputes them in the
+backward pass.
 A `key_padding_mask` is a BoolTensor `[B, K]` where True marks a real token and False a padding token; padding keys get
 exactly zero attention weight, so they have no influence on the output.
 """
@@ -8,8 +11,12 @@ exactly zero attention weight, so they have no influence on the output.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..errors import ConfigurationError
+
+# Up to this many keys, attention is computed as matmul-softmax-matmul (see `Attention.attend`).
+FEW_KEYS = 32
 
 
 def swiglu_intermediate_size(hidden_size: int, multiple_of: int = 8) -> int:
@@ -49,9 +56,39 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
-        """`[B, N, H] -> [B, heads, N, H / heads]`."""
-        batch_size, length, _ = states.shape
-        return states.view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
+        """`[..., N, H] -> [..., heads, N, H / heads]` (`[N, H]` gives `[heads, N, H / heads]`)."""
+        return states.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
+
+    def project_queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Queries `[..., Q, H] -> [..., heads, Q, H / heads]`; a `[Q, H]` input is shared by every cell."""
+        return self._split_heads(self.q_proj(hidden_states))
+
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context `[B, K, H]` -> (keys, values), each `[B, heads, K, H / heads]`."""
+        return self._split_heads(self.k_proj(context)), self._split_heads(self.v_proj(context))
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.BoolTensor | None = None,
+    ) -> torch.Tensor:
+        """Projected `query [B or 1, heads, Q, d]` or `[heads, Q, d]` over `key, value [B, heads, K, d]` -> `[B, Q, H]`.
+
+        With few keys (`K <= FEW_KEYS`) the attention is a plain matmul-softmax-matmul, which is faster on CPU than
+        the fused kernel there and gives the same numbers; otherwise `scaled_dot_product_attention`.
+        """
+        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        if key.shape[-2] <= FEW_KEYS:
+            scores = torch.matmul(query, key.transpose(-1, -2)) * self.head_dim**-0.5
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            attended = torch.matmul(torch.softmax(scores, dim=-1), value)
+        else:
+            query = query.expand(key.shape[0], *query.shape[-3:])
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+        return self.o_proj(attended.transpose(-3, -2).flatten(-2))
 
     def forward(
         self,
@@ -61,16 +98,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Queries from `hidden_states` `[B, Q, H]`, keys/values from `context` `[B, K, H]` -> `[B, Q, H]`."""
         context = hidden_states if context is None else context
-        query = self._split_heads(self.q_proj(hidden_states))
-        key = self._split_heads(self.k_proj(context))
-        value = self._split_heads(self.v_proj(context))
-        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
-        batch_size, _, num_queries, _ = attended.shape
-        return self.o_proj(attended.transpose(1, 2).reshape(batch_size, num_queries, -1))
+        key, value = self.project_context(context)
+        return self.attend(self.project_queries(hidden_states), key, value, key_padding_mask=key_padding_mask)
 
 
-class SelfAttentionBlock(nn.Module):
+class SelfAttentionBlock(GradientCheckpointingLayer):
     """Pre-LN transformer block: `x + attn(ln(x))`, then `x + swiglu(ln(x))`. `[B, N, H] -> [B, N, H]`."""
 
     def __init__(
@@ -89,7 +121,7 @@ class SelfAttentionBlock(nn.Module):
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
-class CrossAttentionBlock(nn.Module):
+class CrossAttentionBlock(GradientCheckpointingLayer):
     """Pre-LN cross-attention block (the MCAB of scLDM): queries attend to a context, residual on the queries.
 
     `queries [B, Q, H]`, `context [B, K, H]`, `key_padding_mask [B, K]` -> `[B, Q, H]`. With
@@ -113,13 +145,36 @@ class CrossAttentionBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.mlp = SwiGLU(hidden_size, intermediate_size, bias=bias)
 
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context `[B, K, H]` -> (keys, values), each `[B, heads, K, H / heads]`."""
+        return self.attention.project_context(self.context_norm(context))
+
+    def project_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """Queries `[..., Q, H] -> [..., heads, Q, H / heads]`: the part of the block that does not see the context."""
+        return self.attention.project_queries(self.query_norm(queries))
+
+    def attend_projected(
+        self,
+        queries: torch.Tensor,
+        projected_queries: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.BoolTensor | None = None,
+    ) -> torch.Tensor:
+        """The block from projected inputs: `queries [Q, H]` (shared) or `[B, Q, H]`, their `project_queries`, and
+        `project_context` -> `[B, Q, H]`. Lets a caller project once and run the rest in chunks of queries."""
+        attended = self.attention.attend(projected_queries, key, value, key_padding_mask=key_padding_mask)
+        hidden_states = queries + attended
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
     def forward(
         self, queries: torch.Tensor, context: torch.Tensor, key_padding_mask: torch.BoolTensor | None = None
     ) -> torch.Tensor:
-        hidden_states = queries + self.attention(
-            self.query_norm(queries), self.context_norm(context), key_padding_mask=key_padding_mask
+        """`queries [Q, H]` (shared by every cell) or `[B, Q, H]`, `context [B, K, H]` -> `[B, Q, H]`."""
+        key, value = self.project_context(context)
+        return self.attend_projected(
+            queries, self.project_queries(queries), key, value, key_padding_mask=key_padding_mask
         )
-        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
 class SoftBinCountEmbedding(nn.Module):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
@@ -30,6 +31,9 @@ from .configuration_scvae import SCVAEConfig
 from .layers import CrossAttentionBlock, SelfAttentionBlock, SoftBinCountEmbedding
 
 _LOG_EPS = 1e-8
+# Largest float32 activation `[B, genes, intermediate]` of one decoder read-out chunk: 16 MiB, half of glibc's
+# default mmap threshold, so chunks reuse heap memory instead of being mapped and page-faulted afresh every step.
+READOUT_CHUNK_BYTES = 16 * 2**20
 
 
 def negative_binomial_log_prob(
@@ -58,12 +62,13 @@ def sample_negative_binomial(
 
     `mean [B, G]`; `inverse_dispersion` broadcastable to it (`[G]` or `[B, G]`), or None for Poisson(mean). The draws
     happen on the generator's device, so a CPU generator works with a GPU model (as in diffusers); the counts come
-    back on `mean`'s device.
+    back on `mean`'s device. The draws are in float32 for any input dtype (CPU has no bf16/fp16 gamma or Poisson
+    sampler).
     """
     sampling_device = generator.device if generator is not None else mean.device
-    rate = mean.to(sampling_device)
+    rate = mean.to(sampling_device, torch.float32)
     if inverse_dispersion is not None:
-        theta = inverse_dispersion.to(sampling_device).expand_as(rate)
+        theta = inverse_dispersion.to(sampling_device, torch.float32).expand_as(rate)
         # torch.distributions.Gamma cannot take a generator; its sampler can.
         rate = torch._standard_gamma(theta, generator=generator) * rate / theta
     return torch.poisson(rate, generator=generator).long().to(mean.device)
@@ -183,7 +188,7 @@ class SCVAEEncoder(nn.Module):
 
 
 class SCVAEDecoder(nn.Module):
-    """Latent tokens `[B, T, D]` + gene queries `[B, G, H]` -> per-gene outputs `[B, G, 1 or 2]`."""
+    """Latent tokens `[B, T, D]` + gene queries `[G, H]` or `[B, G, H]` -> per-gene outputs `[B, G, 1 or 2]`."""
 
     def __init__(self, config: SCVAEConfig):
         super().__init__()
@@ -205,12 +210,45 @@ class SCVAEDecoder(nn.Module):
         )
         per_cell_dispersion = config.likelihood == "negative_binomial" and config.dispersion == "gene-cell"
         self.output_head = nn.Linear(hidden_size, 2 if per_cell_dispersion else 1)
+        self.chunk_size = config.readout_chunk_size
+        self.intermediate_size = config.intermediate_size
 
     def forward(self, latents: torch.Tensor, gene_queries: torch.Tensor) -> torch.Tensor:
+        """`latents [B, T, D]`, `gene_queries [G, H]` (one panel for every cell) or `[B, G, H]` -> `[B, G, 1 or 2]`.
+
+        The per-gene read-out runs in chunks of `readout_chunk_size` genes, so that its `[B, chunk, intermediate]`
+        activations stay small (below glibc's mmap threshold: no page faults each step); in training each chunk is
+        recomputed in the backward pass (`torch.utils.checkpoint`) instead of keeping every chunk's activations.
+        The query LayerNorm and projection, which do not depend on the cell, run once on a shared `[G, H]` panel.
+        """
         hidden_states = self.latent_projection(self.latent_norm(latents))
         for layer in self.layers:
             hidden_states = layer(hidden_states)
-        gene_states = self.gene_readout(gene_queries, hidden_states)
+        key, value = self.gene_readout.project_context(hidden_states)
+        projected_queries = self.gene_readout.project_queries(gene_queries)
+        chunk_size = self.readout_chunk_size(batch_size=latents.shape[0])
+        outputs = []
+        for start in range(0, gene_queries.shape[-2], chunk_size):
+            genes = slice(start, start + chunk_size)
+            chunk = (gene_queries[..., genes, :], projected_queries[..., genes, :])
+            if torch.is_grad_enabled():
+                outputs.append(checkpoint(self._read_out_genes, *chunk, key, value, use_reentrant=False))
+            else:
+                outputs.append(self._read_out_genes(*chunk, key, value))
+        return torch.cat(outputs, dim=-2)
+
+    def readout_chunk_size(self, batch_size: int) -> int:
+        """Genes per read-out chunk: `config.readout_chunk_size`, or the most whose SwiGLU activations
+        `[batch_size, chunk, intermediate_size]` (float32) fit in `READOUT_CHUNK_BYTES`."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, READOUT_CHUNK_BYTES // (4 * batch_size * self.intermediate_size))
+
+    def _read_out_genes(
+        self, gene_queries: torch.Tensor, projected_queries: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        """One chunk of genes: `gene_queries [g, H]` or `[B, g, H]` and their projection -> `[B, g, 1 or 2]`."""
+        gene_states = self.gene_readout.attend_projected(gene_queries, projected_queries, key, value)
         return self.output_head(self.output_norm(gene_states))
 
 
@@ -225,6 +263,7 @@ class SCVAEModel(PreTrainedModel):
     base_model_prefix = "scvae"
     main_input_name = "gene_ids"
     _no_split_modules = ["SelfAttentionBlock", "CrossAttentionBlock"]
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: SCVAEConfig):
         super().__init__(config)
@@ -279,14 +318,16 @@ class SCVAEModel(PreTrainedModel):
     def embed_gene_tokens(
         self, gene_ids: torch.LongTensor, counts: torch.Tensor, library_size: torch.Tensor
     ) -> torch.Tensor:
-        """Gene tokens `[B, L, H]` from `gene_ids [B, L]`, raw `counts [B, L]` and `library_size [B]`."""
+        """Gene tokens `[B, L, H]` (in the model's dtype) from `gene_ids [B, L]`, raw `counts [B, L]` and
+        `library_size [B]` (any float dtype: the count transform runs in float32)."""
         if self.config.count_transform == "normalized_log1p":
-            values = normalized_log1p(counts, library_size, self.config.target_sum)
+            values = normalized_log1p(counts.float(), library_size.float(), self.config.target_sum)
         elif self.config.count_transform == "log1p":
-            values = torch.log1p(counts)
+            values = torch.log1p(counts.float())
         else:
-            values = counts
+            values = counts.float()
         embeddings = self.token_norm(self.gene_embedding(gene_ids))
+        values = values.to(embeddings.dtype)
         if self.count_embedding is not None:
             return embeddings + self.count_embedding(values)
         if self.value_projection is None:
@@ -348,10 +389,8 @@ class SCVAEModel(PreTrainedModel):
             gene_ids = torch.arange(1, self.config.vocab_size + 1, device=latents.device)
         check_decoder_genes(gene_ids, batch_size=batch_size, vocab_size=self.config.vocab_size)
         check_library_size(library_size, batch_size=batch_size)
-        queries = self.gene_embedding(gene_ids)
-        if queries.dim() == 2:
-            queries = queries.expand(batch_size, -1, -1)
-        outputs = self.decoder(latents, queries)
+        # the likelihood's parameters are float32 whatever the model's dtype (a bf16 softmax over genes is coarse)
+        outputs = self.decoder(latents.to(self.dtype), self.gene_embedding(gene_ids)).float()
         logits = outputs[..., 0]
         if self.config.likelihood == "gaussian":
             mean = torch.expm1(logits).clamp_min(0.0) * library_size[:, None] / self.config.target_sum
@@ -362,7 +401,7 @@ class SCVAEModel(PreTrainedModel):
         elif self.log_inverse_dispersion is None:
             inverse_dispersion = F.softplus(outputs[..., 1]) + 1e-4
         else:
-            inverse_dispersion = torch.exp(self.log_inverse_dispersion[gene_ids])
+            inverse_dispersion = torch.exp(self.log_inverse_dispersion[gene_ids].float())
         return SCVAEDecoderOutput(mean=mean, inverse_dispersion=inverse_dispersion, logits=logits)
 
     def reconstruction_nll(

@@ -86,6 +86,8 @@ class LatentDiTTransformer(ModelMixin, ConfigMixin):
             `latents - noise` (the released scLDM's convention).
     """
 
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,
@@ -129,6 +131,7 @@ class LatentDiTTransformer(ModelMixin, ConfigMixin):
         )
         self.norm_out = AdaLayerNormContinuous(hidden_size, hidden_size, elementwise_affine=False, eps=layer_norm_eps)
         self.proj_out = nn.Linear(hidden_size, latent_dim)
+        self.gradient_checkpointing = False
         self._initialize_weights()
 
     def _initialize_weights(self) -> None:
@@ -191,9 +194,13 @@ class LatentDiTTransformer(ModelMixin, ConfigMixin):
         """
         batch_size = hidden_states.shape[0]
         conditioning = self.embed_conditioning(timestep, covariates, batch_size)
-        hidden_states = self.proj_in(hidden_states) + self.position_embedding
+        # diffusers' `from_pretrained(torch_dtype=...)` leaves non-persistent buffers in float32
+        hidden_states = self.proj_in(hidden_states) + self.position_embedding.to(self.dtype)
         for block in self.transformer_blocks:
-            hidden_states = block(hidden_states, conditioning)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states, conditioning)
+            else:
+                hidden_states = block(hidden_states, conditioning)
         velocity = self.proj_out(self.norm_out(hidden_states, conditioning))
         if self.config.flow_time == "data_fraction":
             velocity = -velocity
