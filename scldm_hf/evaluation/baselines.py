@@ -66,6 +66,11 @@ class CellTypeCountGenerator(ABC):
         obs = pd.DataFrame({self.label_key: pd.Categorical(labels)}, index=cell_names)
         return AnnData(sp.vstack(chunks).tocsr(), obs=obs, var=pd.DataFrame(index=self.gene_names))
 
+    def library_sizes(self, labels, seed: int = 0) -> torch.Tensor:
+        """The library sizes `[len(labels)]` `sample` gives cells of `labels` by default (random training cells')."""
+        generator = torch.Generator().manual_seed(seed)
+        return self.train_library_size[self._draw_training_cells(np.asarray(labels, dtype=str), generator)]
+
     def _draw_training_cells(self, labels: np.ndarray, generator: torch.Generator) -> torch.LongTensor:
         """Index `[N]` of a uniformly drawn training cell with the same label as each requested cell."""
         unknown = np.setdiff1d(labels, self.train_labels)
@@ -155,14 +160,29 @@ class ScviGenerator(CellTypeCountGenerator):
         self.model = scvi.model.SCVI(training, **self.model_kwargs)
         self.model.train(max_epochs=self.max_epochs, batch_size=self.training_batch_size,
                          early_stopping=self.early_stopping)
-        posterior_mean, posterior_variance = self.model.get_latent_representation(return_dist=True)
-        self.posterior_mean = torch.as_tensor(posterior_mean)  # [N_train, n_latent]
-        self.posterior_std = torch.as_tensor(posterior_variance).sqrt()
+        self.posterior_mean, self.posterior_std = self.posterior(training)  # [N_train, n_latent] each
+
+    def posterior(self, cells: AnnData) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std `[N, n_latent]` of q(z | x) for the counts of `cells` (same genes as the training data)."""
+        counts = AnnData(count_matrix(cells, "cells to encode"), var=pd.DataFrame(index=self.gene_names))
+        mean, variance = self.model.get_latent_representation(counts, return_dist=True)
+        return torch.as_tensor(mean), torch.as_tensor(variance).sqrt()
+
+    def sample_latents(self, labels, seed: int = 0) -> torch.Tensor:
+        """Latents `[len(labels), n_latent]` as `sample` draws them: q(z | x) of a random training cell per label."""
+        generator = torch.Generator().manual_seed(seed)
+        return self._posterior_sample(self._draw_training_cells(np.asarray(labels, dtype=str), generator), generator)
 
     @torch.inference_mode()
-    def _negative_binomial(self, cells, library_size, generator):
-        noise = torch.randn(self.posterior_mean[cells].shape, generator=generator)
-        latents = self.posterior_mean[cells] + self.posterior_std[cells] * noise
-        batch_index = torch.zeros(len(cells), 1, dtype=torch.long)
+    def decode(self, latents: torch.Tensor, library_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """NB mean and inverse dispersion `[B, G]` of `latents [B, n_latent]` at library sizes `[B]`."""
+        batch_index = torch.zeros(len(latents), 1, dtype=torch.long)
         likelihood = self.model.module.generative(latents, library=library_size.log()[:, None], batch_index=batch_index)
         return likelihood["px"].mu.cpu(), likelihood["px"].theta.cpu()
+
+    def _posterior_sample(self, cells: torch.LongTensor, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(self.posterior_mean[cells].shape, generator=generator)
+        return self.posterior_mean[cells] + self.posterior_std[cells] * noise
+
+    def _negative_binomial(self, cells, library_size, generator):
+        return self.decode(self._posterior_sample(cells, generator), library_size)

@@ -6,6 +6,7 @@ only once every process has finished writing, so a folder named ``checkpoint-*``
 resume removes. Accelerate saves the model (safetensors), optimizer and LR scheduler (read back with
 ``weights_only=True``). Our own state is a `TrainingState`, never pickled: ``training_state.json`` (the step, the
 position in the data, the EMA's counters and the run's settings), ``ema.safetensors`` (EMA weights) and
+``best_weights.safetensors`` (the best weights so far, with early stopping),
 ``rng_state_<process>.safetensors`` (torch, CUDA, numpy and python RNG states and the data generators). Nothing is
 registered with `Accelerator.register_for_checkpointing`, whose ``custom_checkpoint_*.pkl`` files are unpickled with
 ``weights_only=False`` (they can run code), so such a file in a checkpoint is never read.
@@ -42,6 +43,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_PREFIX = ".tmp-"
 TRAINING_STATE_FILE = "training_state.json"
 EMA_WEIGHTS_FILE = "ema.safetensors"
+BEST_WEIGHTS_FILE = "best_weights.safetensors"
 RNG_STATE_FILE = "rng_state_{process}.safetensors"
 # Options that may change between a checkpoint and its resumption (where outputs go, logging, hardware use).
 RUN_ONLY_OPTIONS = {
@@ -59,6 +61,7 @@ class TrainingProgress:
 
     ``epoch`` and ``batches_seen_in_epoch`` (micro-batches per process) locate the next batch: the sampler order of
     an epoch is a function of (seed, epoch), so resuming skips ``batches_seen_in_epoch`` batches of that epoch.
+    ``best_validation_loss``, ``best_step`` and ``checks_without_improvement`` are early stopping's record.
     """
 
     global_step: int = 0
@@ -66,6 +69,9 @@ class TrainingProgress:
     batches_seen_in_epoch: int = 0
     num_processes: int = 1
     total_batch_size: int = 0
+    best_validation_loss: float | None = None
+    best_step: int = 0
+    checks_without_improvement: int = 0
 
 
 class TrainingState:
@@ -76,6 +82,8 @@ class TrainingState:
         settings: What the run must share with a checkpoint to resume from it (`resume_settings`).
         ema: The EMA of the weights, if any.
         generators: Extra `torch.Generator`s of this process (e.g. the collator's gene subsampling).
+
+    ``best_weights`` (name -> CPU tensor) are the weights of the best validation check, kept by early stopping.
     """
 
     def __init__(self, progress: TrainingProgress, settings: dict, ema: EMAModel | None = None,
@@ -85,6 +93,7 @@ class TrainingState:
         self.ema = ema
         self.generators = list(generators)
         self.resumed_with_changes: list[dict] = []
+        self.best_weights: dict[str, torch.Tensor] | None = None
 
     def save(self, directory: Path, process_index: int, is_main_process: bool) -> None:
         """Write this process's RNG states; the main process also writes the JSON and the EMA weights."""
@@ -98,6 +107,8 @@ class TrainingState:
             shadow = {f"shadow.{index}": param.detach().cpu().contiguous()
                       for index, param in enumerate(self.ema.shadow_params)}
             save_file(shadow, directory / EMA_WEIGHTS_FILE)
+        if self.best_weights is not None:
+            save_file(self.best_weights, directory / BEST_WEIGHTS_FILE)
         (directory / TRAINING_STATE_FILE).write_text(json.dumps({
             "progress": asdict(self.progress), "settings": self.settings, "ema": ema_counters,
             "resumed_with_changes": self.resumed_with_changes,
@@ -125,6 +136,8 @@ class TrainingState:
             device = self.ema.shadow_params[0].device
             params = [shadow[f"shadow.{index}"].to(device) for index in range(len(shadow))]
             self.ema.load_state_dict({**saved["ema"], "shadow_params": params})
+        if self.progress.best_validation_loss is not None:
+            self.best_weights = _read_safetensors(directory / BEST_WEIGHTS_FILE, "best weights of early stopping")[0]
         tensors, metadata = _read_safetensors(directory / RNG_STATE_FILE.format(process=process_index),
                                               "random number generator states")
         set_rng_states(tensors, metadata, self.generators)

@@ -78,7 +78,14 @@ class TrainingConfig:
         "help": "obs columns kept when data is an .h5ad file (space-separated on the command line)."})
     layer: str | None = field(default=None, metadata={"help": "Layer of the .h5ad holding raw counts (None: X)."})
     validation_fraction: float = field(default=0.1, metadata={
-        "help": "Share of cells held out for the validation metrics of the model card."})
+        "help": "Share of cells held out for the validation metrics of the model card and for early stopping."})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "Stop when the held-out loss (checked every validation_steps) has not improved for this many checks "
+                "in a row, and keep the weights of the best check (the EMA's for the DiT); max_train_steps is then "
+                "an upper bound. None trains for max_train_steps and keeps the last weights."})
+    validation_steps: int = field(default=100, metadata={
+        "help": "Compute the held-out loss every this many optimizer steps (logged as validation_loss) when "
+                "early_stopping_patience is set."})
     seed: int = field(default=0, metadata={"help": "Seed of weights, data order, noise and the validation split."})
     max_train_steps: int = field(default=1000, metadata={
         "help": "Optimizer steps (each of batch_size x gradient_accumulation_steps x processes cells)."})
@@ -128,7 +135,7 @@ class TrainingConfig:
         check_tracker_names(self.report_to)
         _check_choices(self)
         positive = ("max_train_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                    "checkpoints_total_limit", "logging_steps", "learning_rate")
+                    "checkpoints_total_limit", "logging_steps", "learning_rate", "validation_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name}={getattr(self, name)} must be > 0.")
@@ -138,6 +145,12 @@ class TrainingConfig:
             raise ConfigurationError(f"max_genes={self.max_genes} must be > 0, or null to keep every expressed gene.")
         if not 0 <= self.validation_fraction < 1:
             raise ConfigurationError(f"validation_fraction={self.validation_fraction} must be in [0, 1).")
+        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
+            raise ConfigurationError(f"early_stopping_patience={self.early_stopping_patience} must be > 0, or null "
+                                     "to train for max_train_steps.")
+        if self.early_stopping_patience is not None and self.validation_fraction == 0:
+            raise ConfigurationError("early_stopping_patience needs held-out cells: set validation_fraction > 0 "
+                                     "(e.g. 0.1), or drop early_stopping_patience.")
         if not 0 <= self.lr_warmup_steps <= self.max_train_steps:
             raise ConfigurationError(
                 f"lr_warmup_steps={self.lr_warmup_steps} must be between 0 and max_train_steps={self.max_train_steps}."

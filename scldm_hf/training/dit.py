@@ -30,6 +30,7 @@ from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 from scldm_hf.pipelines import SCLDMPipeline
 
 from .card_metrics import CardMetrics
+from .checkpointing import TrainingProgress
 from .config import DiTTrainingConfig
 from .data import (
     LatentCollator,
@@ -135,12 +136,12 @@ def fit_latent_dit(
     train, validation = encode_latents(accelerator, config, pipeline.vae, dataset, info, covariates)
     if pipeline.vae.config.latents_mean is None:  # a fine-tuned pipeline keeps its own statistics
         standardize_latents(pipeline.vae, train)
-    train_transformer(accelerator, config, pipeline.transformer, train, info, covariates,
-                      pipeline.vae.normalize_latents, frozen_label_rows)
+    progress = train_transformer(accelerator, config, pipeline.transformer, train, validation, info, covariates,
+                                 pipeline.vae.normalize_latents, frozen_label_rows)
     if accelerator.is_main_process:
         pipeline.save_pretrained(config.output_dir)
         metrics = pipeline_card_metrics(pipeline, dataset, info, validation, covariates, config, card_metrics)
-        accelerator.log({f"final/{name}": value for name, value in metrics.items()}, step=config.max_train_steps)
+        accelerator.log({f"final/{name}": value for name, value in metrics.items()}, step=progress.global_step)
         descriptions = card_metrics.descriptions(list(metrics)) if card_metrics else {}
         publish_pipeline(config, pipeline, info, len(train), len(validation or []), metrics, descriptions, base_model)
     accelerator.wait_for_everyone()
@@ -163,11 +164,11 @@ def standardize_latents(vae: SCVAEModel, train: datasets.Dataset) -> None:
 
 
 def train_transformer(accelerator: Accelerator, config: DiTTrainingConfig, transformer: LatentDiTTransformer,
-                      train: datasets.Dataset, info: CorpusInfo, covariates: list[str],
-                      normalize: Callable[[torch.Tensor], torch.Tensor],
-                      frozen_label_rows: Mapping[str, list[int]] | None) -> None:
+                      train: datasets.Dataset, validation: datasets.Dataset | None, info: CorpusInfo,
+                      covariates: list[str], normalize: Callable[[torch.Tensor], torch.Tensor],
+                      frozen_label_rows: Mapping[str, list[int]] | None) -> TrainingProgress:
     """Flow-matching training of `transformer` in place on latent rows `train` of the corpus `info` (recorded in
-    checkpoints); ends with the EMA weights copied in."""
+    checkpoints), early-stopped on the `validation` rows when configured; ends with the EMA weights copied in."""
     frozen_weights = [freeze_rows(transformer.covariate_embedders[name].weight, rows)
                       for name, rows in (frozen_label_rows or {}).items()]
     ema = None
@@ -182,11 +183,16 @@ def train_transformer(accelerator: Accelerator, config: DiTTrainingConfig, trans
     if ema is not None:
         ema.to(accelerator.device)
     set_seed(config.seed, device_specific=True)
-    train_loop(accelerator, config, objective, optimizer, lr_scheduler, dataloader,
-               lambda model, batch: {"loss": model(batch["latents"], batch["covariates"])}, corpus=info,
-               model_config=dict(transformer.config), ema=ema)
+    progress = train_loop(
+        accelerator, config, objective, optimizer, lr_scheduler, dataloader,
+        lambda model, batch: {"loss": model(batch["latents"], batch["covariates"])}, corpus=info,
+        model_config=dict(transformer.config), ema=ema,
+        validation_loss=lambda model: validation_flow_matching_loss(
+            model.transformer, validation, covariates, config.batch_size, config.seed, normalize),
+    )
     if ema is not None:
         ema.copy_to(accelerator.unwrap_model(objective).transformer.parameters())
+    return progress
 
 
 def publish_pipeline(config: DiTTrainingConfig, pipeline: SCLDMPipeline, info: CorpusInfo, num_train_cells: int,

@@ -1,8 +1,10 @@
 """The training loop shared by both stages: Accelerate set-up, optimizer and LR schedule, the resumable step loop.
 
 The loop is "infinite epochs until ``max_train_steps``" with gradient accumulation and clipping, EMA updates,
-logging every ``logging_steps`` and an atomic checkpoint every ``checkpointing_steps``. Resuming restores the step,
-optimizer, scheduler, EMA, RNG states and the data position (epoch + batches already seen in it).
+logging every ``logging_steps``, an atomic checkpoint every ``checkpointing_steps`` and, with
+``early_stopping_patience``, a held-out loss every ``validation_steps`` that stops the run when it no longer improves
+and restores the best weights. Resuming restores the step, optimizer, scheduler, EMA, RNG states, the data position
+(epoch + batches already seen in it) and early stopping's record with its best weights.
 """
 
 import os
@@ -34,6 +36,7 @@ from .trackers import build_trackers
 logger = get_logger(__name__)
 
 LossFunction = Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
+ValidationLoss = Callable[[torch.nn.Module], float]
 
 
 def build_accelerator(config: TrainingConfig) -> Accelerator:
@@ -103,12 +106,14 @@ def train_loop(
     model_config: Mapping,
     ema: EMAModel | None = None,
     generators: Sequence[torch.Generator] = (),
+    validation_loss: ValidationLoss | None = None,
 ) -> TrainingProgress:
-    """Train the prepared `model` until ``config.max_train_steps``; returns the final `TrainingProgress`.
+    """Train the prepared `model` until ``config.max_train_steps`` (or early stopping); returns the final progress.
 
     `compute_loss(model, batch)` returns a dict with ``"loss"`` (optimised) and any other scalars to log. `ema` and
     the RNG states of `generators` are saved with every checkpoint; `corpus` and `model_config` (with `config`) are
-    what a resumed run must share with its checkpoint.
+    what a resumed run must share with its checkpoint. `validation_loss(unwrapped model)` is the held-out loss that
+    early stopping watches (required with ``config.early_stopping_patience``).
     """
     progress = TrainingProgress(
         num_processes=accelerator.num_processes,
@@ -131,6 +136,11 @@ def train_loop(
 
     accelerator.init_trackers(Path(config.output_dir).name, config=_flat_hparams(config))
     unwrapped = accelerator.unwrap_model(model)
+    early_stopping = None
+    if config.early_stopping_patience is not None:
+        if validation_loss is None:
+            raise ConfigurationError("early_stopping_patience is set but this stage has no held-out loss to watch.")
+        early_stopping = EarlyStopping(state, unwrapped, validation_loss, config.early_stopping_patience, ema)
     running = {}
     bar = tqdm(total=config.max_train_steps, initial=progress.global_step, desc="Training", unit="step",
                disable=not accelerator.is_local_main_process)
@@ -166,16 +176,84 @@ def train_loop(
                 accelerator.log(logs, step=progress.global_step)
                 bar.set_postfix(loss=f"{logs['loss']:.4g}")
                 running = {}
+            if early_stopping is not None and progress.global_step % config.validation_steps == 0:
+                accelerator.log({"validation_loss": early_stopping.check()}, step=progress.global_step)
             if progress.global_step % config.checkpointing_steps == 0:
                 save_checkpoint(accelerator, state, config.checkpoint_root, progress.global_step,
                                 config.checkpoints_total_limit)
-            if progress.global_step >= config.max_train_steps:
+            if progress.global_step >= config.max_train_steps or (early_stopping and early_stopping.should_stop):
                 break
         else:
             progress.epoch += 1
             progress.batches_seen_in_epoch = 0
+        if early_stopping is not None and early_stopping.should_stop:
+            logger.info(f"early stopping at step {progress.global_step}: the held-out loss has not improved since "
+                        f"step {progress.best_step}", main_process_only=True)
+            break
     bar.close()
+    if early_stopping is not None:
+        early_stopping.restore_best()
     return progress
+
+
+class EarlyStopping:
+    """The held-out loss of the weights a run saves (the EMA's when there is one), and the best of them so far.
+
+    The record (best loss, its step, checks since) lives in ``state.progress`` and the best weights in
+    ``state.best_weights``, so checkpoints carry both and a resumed run stops where an uninterrupted one would.
+
+    Args:
+        state: the run's `TrainingState`.
+        model: the unwrapped model being trained.
+        validation_loss: held-out loss of `model` (deterministic: fixed noise, eval mode).
+        patience: checks in a row without improvement after which `should_stop`.
+        ema: the EMA of `model`'s parameters, whose weights are evaluated and kept instead.
+    """
+
+    def __init__(self, state: TrainingState, model: torch.nn.Module, validation_loss: ValidationLoss, patience: int,
+                 ema: EMAModel | None = None):
+        self.state, self.model, self.validation_loss, self.patience, self.ema = state, model, validation_loss, patience, ema
+
+    @property
+    def should_stop(self) -> bool:
+        return self.state.progress.checks_without_improvement >= self.patience
+
+    @torch.no_grad()
+    def check(self) -> float:
+        """Score the current weights on the held-out cells, keep them when best; returns the loss."""
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+        loss = self.validation_loss(self.model)
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+        self.model.train()
+        progress = self.state.progress
+        if progress.best_validation_loss is None or loss < progress.best_validation_loss:
+            progress.best_validation_loss, progress.best_step = loss, progress.global_step
+            progress.checks_without_improvement = 0
+            self.state.best_weights = self.kept_weights()
+        else:
+            progress.checks_without_improvement += 1
+        return loss
+
+    def kept_weights(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the weights the run saves: the EMA shadow parameters, or the model's state dict."""
+        if self.ema is not None:
+            return {f"shadow.{index}": param.detach().cpu().clone() for index, param in enumerate(self.ema.shadow_params)}
+        return {name: value.detach().cpu().clone() for name, value in self.model.state_dict().items()}
+
+    @torch.no_grad()
+    def restore_best(self) -> None:
+        """Put the best weights back (into the EMA, which the stage copies into the model, or into the model)."""
+        best = self.state.best_weights
+        if best is None:
+            return
+        if self.ema is not None:
+            for index, param in enumerate(self.ema.shadow_params):
+                param.copy_(best[f"shadow.{index}"])
+        else:
+            self.model.load_state_dict(best)
 
 
 def optimisation_hyperparameters(optimizer, lr_scheduler) -> tuple[list[dict], list[float]]:

@@ -43,14 +43,17 @@ def train_vae(config: VAETrainingConfig, card_metrics: CardMetrics | None = None
     lr_scheduler = build_lr_scheduler(optimizer, config, accelerator.num_processes)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     set_seed(config.seed, device_specific=True)
-    train_loop(accelerator, config, model, optimizer, lr_scheduler, dataloader, vae_losses, corpus=info,
-               model_config=accelerator.unwrap_model(model).config.to_dict(), generators=[collator.generator])
+    progress = train_loop(
+        accelerator, config, model, optimizer, lr_scheduler, dataloader, vae_losses, corpus=info,
+        model_config=accelerator.unwrap_model(model).config.to_dict(), generators=[collator.generator],
+        validation_loss=lambda vae: evaluate_vae(vae, validation, info, config.batch_size)["validation_loss"],
+    )
 
     vae = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         vae.save_pretrained(config.output_dir)
         metrics = evaluate_vae(vae, validation, info, config.batch_size, card_metrics) if validation is not None else {}
-        accelerator.log({f"final/{name}": value for name, value in metrics.items()}, step=config.max_train_steps)
+        accelerator.log({f"final/{name}": value for name, value in metrics.items()}, step=progress.global_step)
         provenance = DataProvenance.from_corpus(info, len(train), len(validation or []))
         publish_model_folder(config, render_model_card(
             VAE_TEMPLATE, config, provenance, metrics, library_name="transformers", base_model=config.init_from,

@@ -1,0 +1,110 @@
+"""Early stopping on the held-out loss: a tiny run stops once the loss stops improving, saves the best check's
+weights (the EMA's for the DiT), and a run resumed from a checkpoint stops at the same step with the same weights."""
+
+import csv
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scldm_hf.data import anndata_to_corpus, load_corpus
+from scldm_hf.errors import ConfigurationError
+from scldm_hf.models import SCVAEModel
+from scldm_hf.pipelines import SCLDMPipeline
+from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
+from scldm_hf.training.checkpointing import BEST_WEIGHTS_FILE, list_checkpoints
+from scldm_hf.training.data import split_train_validation
+from scldm_hf.training.dit import train_dit, validation_flow_matching_loss
+from scldm_hf.training.trackers import METRICS_FILE
+from scldm_hf.training.vae import evaluate_vae, train_vae
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "training" / "configs" / "tiny.yaml"
+NUM_CELLS = 80
+PATIENCE, VALIDATION_STEPS, MAX_STEPS = 2, 2, 400
+# a learning rate far too high for the tiny model: the held-out loss soon stops improving
+EARLY_STOPPING = {"early_stopping_patience": PATIENCE, "validation_steps": VALIDATION_STEPS, "max_train_steps": MAX_STEPS,
+                  "validation_fraction": 0.2, "learning_rate": 0.05, "lr_scheduler": "constant", "lr_warmup_steps": 0,
+                  "checkpointing_steps": 4}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, pbmc_counts) -> Path:
+    path = tmp_path_factory.mktemp("early_stopping") / "corpus"
+    anndata_to_corpus(pbmc_counts[:NUM_CELLS].copy(), path, covariates=["cell_type"])
+    return path
+
+
+def vae_config(corpus: Path, output_dir: Path, **overrides) -> VAETrainingConfig:
+    return load_config(VAETrainingConfig, TINY, {**EARLY_STOPPING, "data": str(corpus), "output_dir": str(output_dir),
+                                                 **overrides}, section="vae")
+
+
+def validation_losses(output_dir: Path) -> dict[int, float]:
+    """`{step: validation_loss}` logged by the run in `output_dir`."""
+    with (output_dir / "logs" / METRICS_FILE).open() as file:
+        return {int(row["step"]): float(row["value"]) for row in csv.DictReader(file) if row["metric"] == "validation_loss"}
+
+
+@pytest.fixture(scope="module")
+def stopped_vae(corpus, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("early_stopping") / "vae"
+    train_vae(vae_config(corpus, output_dir))
+    return output_dir
+
+
+def test_vae_stops_when_the_held_out_loss_stops_improving_and_keeps_the_best_weights(stopped_vae, corpus):
+    losses = validation_losses(stopped_vae)
+    best_step = min(losses, key=losses.get)
+    last_step = max(losses)
+    assert last_step < MAX_STEPS
+    assert last_step == best_step + PATIENCE * VALIDATION_STEPS
+    assert all(losses[step] >= losses[best_step] for step in losses if step > best_step)
+
+    dataset, info = load_corpus(corpus)
+    validation = split_train_validation(dataset, EARLY_STOPPING["validation_fraction"], seed=0)[1]
+    saved = SCVAEModel.from_pretrained(stopped_vae)
+    assert evaluate_vae(saved, validation, info, batch_size=10)["validation_loss"] == pytest.approx(losses[best_step],
+                                                                                                   rel=1e-5)
+    last_checkpoint = list_checkpoints(stopped_vae / "checkpoints")[-1]
+    best = load_file(last_checkpoint / BEST_WEIGHTS_FILE)
+    for name, value in saved.state_dict().items():
+        torch.testing.assert_close(value, best[name], rtol=0, atol=0, msg=name)
+
+
+def test_resumed_run_stops_at_the_same_step_with_the_same_weights(stopped_vae, corpus, tmp_path):
+    first = list_checkpoints(stopped_vae / "checkpoints")[0]
+    target = tmp_path / "vae"
+    shutil.copytree(first, target / "checkpoints" / first.name)
+    resumed = train_vae(vae_config(corpus, target, resume_from_checkpoint="latest"))
+    assert max(validation_losses(target)) == max(validation_losses(stopped_vae))
+    expected = load_file(stopped_vae / "model.safetensors")
+    for name, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_dit_early_stopping_keeps_the_best_ema_weights(stopped_vae, corpus, tmp_path):
+    output_dir = tmp_path / "pipeline"
+    config = load_config(DiTTrainingConfig, TINY, {
+        **EARLY_STOPPING, "learning_rate": 0.02, "data": str(corpus),
+        "vae_name_or_path": str(stopped_vae), "output_dir": str(output_dir)}, section="dit")
+    train_dit(config)
+    losses = validation_losses(output_dir)
+    best_step = min(losses, key=losses.get)
+    assert max(losses) == best_step + PATIENCE * VALIDATION_STEPS < MAX_STEPS
+    pipeline = SCLDMPipeline.from_pretrained(output_dir)
+    cache = datasets.load_from_disk(str(output_dir / "latent_cache")).with_format("numpy", columns=["latents", "cell_type"])
+    validation = split_train_validation(cache, EARLY_STOPPING["validation_fraction"], seed=0)[1]
+    loss = validation_flow_matching_loss(pipeline.transformer, validation, ["cell_type"], config.batch_size,
+                                         config.seed, pipeline.vae.normalize_latents)
+    assert loss == pytest.approx(losses[best_step], rel=1e-5)
+
+
+def test_early_stopping_needs_held_out_cells(corpus, tmp_path):
+    with pytest.raises(ConfigurationError, match="early_stopping_patience needs held-out cells"):
+        vae_config(corpus, tmp_path, validation_fraction=0.0)
