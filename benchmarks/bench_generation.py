@@ -6,7 +6,8 @@ against the test cells (the evaluation protocol: PCA fitted on the train cells, 
 Prints one markdown table per dataset (mean ± sd over seeds, CPU time of training + sampling per method, and the
 headline metrics scLDM wins or loses against scVI beyond the larger seed sd) and appends them to benchmarks/RESULTS.md.
 scVI runs at scvi-tools' defaults (epoch heuristic, early stopping on its held-out loss). scLDM trains for its
-recipe's fixed steps: the training loop has no validation-loss early stopping yet.
+recipe's fixed steps (early stopping on the held-out loss is a recipe option, ``early_stopping_patience``, which
+``bench_diagnosis.py`` uses).
 
 Datasets: PBMC68k (765 genes, 10 cell types) and every real dataset in ../shared/data, reduced to their 2,000 most
 variable genes (Seurat v3 on the counts of all cells, CFGen's protocol): Kang 2018 (7 cell types, control and
@@ -99,31 +100,41 @@ def wins_beyond_noise(summaries: list[pd.DataFrame], model: str = "scLDM", rival
     return f"{model} vs {rival} over {len(summaries)} seeds: " + ", ".join(verdicts)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def data_argument_parser(description: str, seeds: list[int]) -> argparse.ArgumentParser:
+    """A parser with the data options of the generation benchmarks: --datasets / --data + --label-key, --seeds,
+    --recipe and --threads."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--datasets", nargs="+", default=None, choices=DATASETS,
                         help="bundled datasets (default: all of them unless --data is given)")
     parser.add_argument("--data", type=Path, help="any .h5ad of raw counts, benchmarked as is (with --label-key)")
     parser.add_argument("--label-key", help="obs column of the labels of --data")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split and training seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds, help="split and training seeds")
     parser.add_argument("--recipe", type=Path, default=ROOT / "training" / "configs" / "pbmc_demo.yaml")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (training and sampling)")
+    return parser
+
+
+def chosen_datasets(args: argparse.Namespace, load=load_dataset) -> dict:
+    """`{name: () -> (counts, label column)}` of the parsed --datasets / --data; sets torch's thread count."""
+    if (args.data is None) != (args.label_key is None):
+        raise SystemExit("--data and --label-key go together: pass both, e.g. --data cells.h5ad --label-key cell_type")
+    torch.set_num_threads(args.threads)
+    datasets = {name: lambda name=name: load(name) for name in args.datasets or ([] if args.data else DATASETS)}
+    if args.data:
+        datasets[args.data.name] = lambda: (ad.read_h5ad(args.data), args.label_key)
+    return datasets
+
+
+def main() -> None:
+    parser = data_argument_parser(__doc__.splitlines()[0], seeds=[0, 1, 2])
     parser.add_argument("--scvi-epochs", type=int, default=None, help="default: scvi-tools' heuristic + early stopping")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (training and sampling)")
     parser.add_argument("--max-train-steps", type=int, default=None,
                         help="steps of both scLDM stages (default: the recipe's, VAE 900 and DiT 2000)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args()
-    if (args.data is None) != (args.label_key is None):
-        raise SystemExit("--data and --label-key go together: pass both, e.g. --data cells.h5ad --label-key cell_type")
-    torch.set_num_threads(args.threads)
-
-    datasets = {name: lambda name=name: load_dataset(name)
-                for name in args.datasets or ([] if args.data else DATASETS)}
-    if args.data:
-        datasets[args.data.name] = lambda: (ad.read_h5ad(args.data), args.label_key)
     sections = []
-    for name, load in datasets.items():
+    for name, load in chosen_datasets(args).items():
         cells, label_key = load()
         summaries = []
         start = time.perf_counter()

@@ -168,6 +168,14 @@ def test_scvi_generator_samples_integer_counts_per_label(pbmc_splits):
     assert np.array_equal(counts, np.round(counts)) and counts.min() >= 0 and counts.sum() > 0
     assert list(generated.obs[LABEL_KEY].astype(str)) == labels
 
+    mean, std = generator.posterior(train[:5])
+    assert mean.shape == std.shape == (5, 4) and bool((std > 0).all())
+    nb_mean, _ = generator.decode(mean, torch.full((5,), 1000.0))
+    torch.testing.assert_close(nb_mean.sum(dim=1), torch.full((5,), 1000.0), rtol=1e-4, atol=1e-2)
+    monocyte_sizes = np.asarray(train[train.obs[LABEL_KEY] == "CD14+ Monocyte"].X.sum(axis=1)).ravel()
+    assert set(generator.library_sizes(labels, seed=0)[:20].tolist()) <= set(monocyte_sizes.tolist())
+    assert generator.sample_latents(labels, seed=0).shape == (30, 4)
+
 
 def test_train_scldm_reuses_a_trained_vae_and_retrains_the_dit(pbmc_splits, tmp_path):
     train, _, _ = pbmc_splits

@@ -1,0 +1,311 @@
+"""Per-stage diagnosis of scLDM against scVI: which stage of generation loses the distance to scVI.
+
+For each data set and seed: a stratified 60/20/20 split (train / real floor / test); scLDM (both stages early-stopped
+on the held-out loss of 10% of the training cells) and scVI (scvi-tools' defaults: epoch heuristic, early stopping)
+train on the train cells. Each stage is then scored against the held-out test cells, the real floor beside it:
+
+- (a) VAE round trip, the ceiling of stage 1: test cells encoded (posterior mean), decoded at their own library sizes,
+  counts drawn from the NB; scVI's round trip likewise (z = posterior mean of q(z | x)).
+- (b) latent prior: generated latents (scLDM: the DiT; scVI: its aggregate posterior, q(z | x) of random training
+  cells of the label) against the encoded test cells, per label, in each model's latent space standardised by its
+  training cells' latent means and stds (scLDM: the VAE's latent statistics; scVI: posterior means of the training
+  cells), the floor being the encoded floor cells; then those latents decoded at the test cells' real library sizes.
+- (c) library-size model: KS statistic and W1 of log library sizes drawn for the test labels (scLDM: its per-label
+  log-normal; scVI's generator: the library size of a random training cell of the label) against the test cells'.
+- (d) count noise model: the round-trip counts of (a) (same decoded means, NB draw) against the real test counts, by
+  per-gene zero fraction and log1p Fano factor (variance / mean), mean absolute error over genes, per label.
+- (e) full generation, as `bench_generation.py` scores it (library sizes from each model's library-size model).
+
+Count-space scores are `evaluate_generation`'s (PCA-30 of log1p CP10k fitted on the training cells, equal cells per
+label, floor = the floor cells against the test cells). The final line per data set splits the full-generation gap
+in MMD^2 (scLDM minus scVI) into the VAE round trip (a), the latent prior (b, decoded minus a) and the library-size
+model (e minus b, decoded): the stage with the largest share loses the distance.
+
+Data sets: PBMC68k (765 genes, 10 cell types), Kang 2018 (7 cell types, control and IFN-beta cells pooled per type)
+and the celltypist sample, which has no labels and is scored as one pooled label. Kang and celltypist are cut to the
+2,000 most variable genes of their training cells (Seurat v3). Nothing is chosen on the test cells.
+
+    python benchmarks/bench_diagnosis.py --datasets pbmc68k --seeds 0
+    python benchmarks/bench_diagnosis.py --data mine.h5ad --label-key cell_type --seeds 0 1 2
+"""
+
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import torch
+from bench_generation import DATASETS, NUM_VARIABLE_GENES, chosen_datasets, data_argument_parser, read_shared
+from scipy.stats import ks_2samp, wasserstein_distance
+
+from scldm_hf.data import encode_dataset, load_pbmc68k_counts
+from scldm_hf.evaluation import FLOOR_SUFFIX, ScviGenerator, energy_distance, evaluate_generation, mmd_rbf
+from scldm_hf.evaluation.evaluate import equal_count_groups
+from scldm_hf.evaluation.genes import gene_moments
+from scldm_hf.evaluation.preprocessing import condition_labels, count_matrix
+from scldm_hf.loading import load_pipeline
+from scldm_hf.models.modeling_scvae import sample_negative_binomial
+from scldm_hf.workflows.side_by_side import stratified_split, train_scldm
+
+ROOT = Path(__file__).resolve().parents[1]
+POOLED_LABEL = "pooled"
+COUNT_METRICS = ("mmd_rbf", "energy_distance", "classifier_auroc")
+MIN_CELLS = 10
+
+
+def load_dataset(name: str) -> tuple[ad.AnnData, str]:
+    """`(counts, label column)` of a diagnosis data set, all genes (the variable ones are chosen on training cells)."""
+    if name == "pbmc68k":
+        return load_pbmc68k_counts(), "cell_type"
+    if name == "kang2018":
+        return read_shared("kang2018_pbmc_ifnb_counts.h5ad"), "cell_type"
+    if name == "celltypist":
+        cells = read_shared("celltypist_sample_counts.h5ad")
+        cells.obs[POOLED_LABEL] = pd.Categorical(["all cells"] * cells.n_obs)
+        return cells, POOLED_LABEL
+    raise SystemExit(f"unknown dataset {name!r}; choose from {DATASETS}")
+
+
+def variable_genes_of_training_cells(parts: tuple[ad.AnnData, ...]) -> tuple[ad.AnnData, ...]:
+    """Every part cut to the `NUM_VARIABLE_GENES` most variable genes of the first (training) part, if it has more."""
+    train = parts[0]
+    if train.n_vars <= NUM_VARIABLE_GENES:
+        return parts
+    variable = sc.pp.highly_variable_genes(train, n_top_genes=NUM_VARIABLE_GENES, flavor="seurat_v3", inplace=False)
+    keep = variable["highly_variable"].to_numpy()
+    return tuple(part[:, keep].copy() for part in parts)
+
+
+def library_size(cells: ad.AnnData) -> np.ndarray:
+    return np.asarray(count_matrix(cells).sum(axis=1)).ravel()
+
+
+def with_counts(like: ad.AnnData, counts) -> ad.AnnData:
+    """AnnData of `counts [N, G]` with the obs and genes of `like` (a cell-by-cell counterpart)."""
+    return ad.AnnData(X=count_matrix(ad.AnnData(counts)).astype(np.float32), obs=like.obs.copy(), var=like.var.copy())
+
+
+def count_scores(test, cells, label_key, train, floor, seed) -> dict[str, tuple[float, float]]:
+    """`{metric: (score, real floor)}` of `evaluate_generation`'s mean row (the protocol)."""
+    mean = evaluate_generation(test, cells, label_key, reference=train, real_floor=floor, min_cells=MIN_CELLS,
+                               seed=seed).loc["mean"]
+    return {metric: (mean[metric], mean[metric + FLOOR_SUFFIX]) for metric in COUNT_METRICS}
+
+
+def latent_scores(test_latents, test_labels, generated, floor_latents, floor_labels, seed) -> dict[str, tuple]:
+    """`{metric: (generated, floor)}`: MMD² and energy per label of flattened standardised latents, averaged."""
+    groups, _ = equal_count_groups({"real": test_labels, "generated": test_labels, "floor": floor_labels},
+                                   MIN_CELLS, 2000, np.random.default_rng(seed))
+    latents = {"real": test_latents, "generated": generated, "floor": floor_latents}
+    per_group = {name: {side: [] for side in ("generated", "floor")} for name in ("MMD²", "energy")}
+    for cells in groups.values():
+        real = latents["real"][cells["real"]]
+        for side in ("generated", "floor"):
+            per_group["MMD²"][side].append(mmd_rbf(real, latents[side][cells[side]]))
+            per_group["energy"][side].append(energy_distance(real, latents[side][cells[side]]))
+    return {name: (np.mean(sides["generated"]), np.mean(sides["floor"])) for name, sides in per_group.items()}
+
+
+def per_label_mean(score, test_labels, labels, values, test_values) -> float:
+    """`score(values of a label, test values of that label)` averaged over the test labels."""
+    return float(np.mean([score(values[labels == label], test_values[test_labels == label])
+                          for label in np.unique(test_labels)]))
+
+
+def library_size_scores(generated, test_sizes, test_labels, floor_sizes, floor_labels) -> dict[str, tuple]:
+    """`{metric: (generated, floor)}`: KS statistic and W1 of log library sizes per label, averaged."""
+    scores = {"KS log library size": lambda a, b: ks_2samp(a, b).statistic,
+              "W1 log library size": wasserstein_distance}
+    log_test = np.log(test_sizes)
+    return {name: (per_label_mean(score, test_labels, test_labels, np.log(generated), log_test),
+                   per_label_mean(score, test_labels, floor_labels, np.log(floor_sizes), log_test))
+            for name, score in scores.items()}
+
+
+def noise_errors(counts, real_counts) -> dict[str, float]:
+    """Mean absolute error over genes of per-gene zero fraction and log1p Fano factor, `counts` vs `real_counts`."""
+    moments, real = gene_moments(counts), gene_moments(real_counts)
+    fano = (moments["variance"] / moments["mean"]).fillna(0)
+    real_fano = (real["variance"] / real["mean"]).fillna(0)
+    return {"zero fraction MAE": float((moments["zero_fraction"] - real["zero_fraction"]).abs().mean()),
+            "log1p Fano MAE": float((np.log1p(fano) - np.log1p(real_fano)).abs().mean())}
+
+
+def noise_scores(cells, test, floor, label_key) -> dict[str, tuple]:
+    """`{metric: (cells, floor)}` of `noise_errors` against the test cells, per label, averaged."""
+    test_labels, floor_labels = condition_labels(test, label_key), condition_labels(floor, label_key)
+    counts, test_counts, floor_counts = count_matrix(cells), count_matrix(test), count_matrix(floor)
+    by_label = [(noise_errors(counts[test_labels == label], test_counts[test_labels == label]),
+                 noise_errors(floor_counts[floor_labels == label], test_counts[test_labels == label]))
+                for label in np.unique(test_labels)]
+    return {name: (np.mean([ours[name] for ours, _ in by_label]), np.mean([fl[name] for _, fl in by_label]))
+            for name in by_label[0][0]}
+
+
+def diagnose_scldm(pipeline_dir, train, floor, test, label_key, seed) -> dict[str, dict]:
+    """`{stage: {metric: (score, floor)}}` of the trained scLDM pipeline."""
+    pipe = load_pipeline(pipeline_dir)
+    generator = torch.Generator().manual_seed(seed)
+    labels, floor_labels = condition_labels(test, label_key), condition_labels(floor, label_key)
+    test_sizes = torch.as_tensor(library_size(test), dtype=torch.float32)
+
+    test_latents = torch.from_numpy(encode_dataset(pipe.vae, test))
+    round_trip = with_counts(test, pipe.decode_counts(test_latents, test_sizes, generator))
+    generated_latents = pipe(conditions={label_key: list(labels)}, output_type="latent", generator=generator).cells
+    decoded = with_counts(test, pipe.decode_counts(generated_latents, test_sizes, generator))
+    label_ids = pipe.conditioner.encode({label_key: list(labels)})
+    sizes = pipe.conditioner.sample_library_size(label_ids, len(labels), generator).numpy()
+    full = pipe(conditions={label_key: list(labels)}, generator=generator).cells
+
+    def standardized(latents):
+        return pipe.vae.normalize_latents(latents).flatten(1).numpy()
+
+    floor_latents = standardized(torch.from_numpy(encode_dataset(pipe.vae, floor)))
+    return {
+        "a": count_scores(test, round_trip, label_key, train, floor, seed),
+        "b latent": latent_scores(standardized(test_latents), labels, standardized(generated_latents), floor_latents,
+                                  floor_labels, seed),
+        "b decoded": count_scores(test, decoded, label_key, train, floor, seed),
+        "c": library_size_scores(sizes, test_sizes.numpy(), labels, library_size(floor), floor_labels),
+        "d": noise_scores(round_trip, test, floor, label_key),
+        "e": count_scores(test, full, label_key, train, floor, seed),
+    }
+
+
+def diagnose_scvi(scvi: ScviGenerator, train, floor, test, label_key, seed) -> dict[str, dict]:
+    """`{stage: {metric: (score, floor)}}` of a fitted `ScviGenerator` (floors of latent rows in scVI's space)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels, floor_labels = condition_labels(test, label_key), condition_labels(floor, label_key)
+    test_sizes = torch.as_tensor(library_size(test), dtype=torch.float32)
+
+    test_mean, test_std = scvi.posterior(test)
+    mean, inverse_dispersion = scvi.decode(test_mean, test_sizes)
+    round_trip = with_counts(test, sample_negative_binomial(mean, inverse_dispersion, generator=generator).numpy())
+    training_mean = scvi.posterior_mean.mean(dim=0)
+    training_std = scvi.posterior_mean.std(dim=0)
+
+    def standardized(latents):
+        return ((latents - training_mean) / training_std).numpy()
+
+    def posterior_sample(mean, std):
+        return mean + std * torch.randn(mean.shape, generator=generator)
+
+    floor_mean, floor_std = scvi.posterior(floor)
+    generated_latents = scvi.sample_latents(labels, seed=seed)
+    decoded = with_counts(test, scvi.sample(labels, library_sizes=test_sizes.numpy(), seed=seed).X)
+    return {
+        "a": count_scores(test, round_trip, label_key, train, floor, seed),
+        "b latent": latent_scores(standardized(posterior_sample(test_mean, test_std)), labels,
+                                  standardized(generated_latents), standardized(posterior_sample(floor_mean, floor_std)),
+                                  floor_labels, seed),
+        "b decoded": count_scores(test, decoded, label_key, train, floor, seed),
+        "c": library_size_scores(scvi.library_sizes(labels, seed=seed).numpy(), test_sizes.numpy(), labels,
+                                 library_size(floor), floor_labels),
+        "d": noise_scores(round_trip, test, floor, label_key),
+        "e": count_scores(test, with_counts(test, scvi.sample(labels, seed=seed).X), label_key, train, floor, seed),
+    }
+
+
+STAGES = {
+    "a": "(a) VAE round trip",
+    "b latent": "(b) latent prior vs encoded test cells",
+    "b decoded": "(b) latent prior, decoded at real library sizes",
+    "c": "(c) library-size model",
+    "d": "(d) count noise model (round-trip NB draw)",
+    "e": "(e) full generation",
+}
+MODELS = ("scLDM", "scVI")
+
+
+def mean_sd(values) -> str:
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def diagnosis_table(runs: list[dict]) -> str:
+    """Markdown table over seeds: one row per stage and metric, columns scLDM, scVI and the real floor (latent rows:
+    the floor in each model's own latent space, scLDM's / scVI's)."""
+    lines = ["| stage | metric | scLDM | scVI | real floor |", "|---|---|---|---|---|"]
+    for stage, title in STAGES.items():
+        for metric in runs[0]["scLDM"][stage]:
+            cells = {model: [run[model][stage][metric] for run in runs] for model in MODELS}
+            floors = [mean_sd([score[1] for score in cells[model]]) for model in MODELS]
+            floor = floors[0] if stage != "b latent" else " / ".join(floors)
+            lines.append(f"| {title} | {metric} | " + " | ".join(mean_sd([score[0] for score in cells[model]])
+                                                                for model in MODELS) + f" | {floor} |")
+    return "\n".join(lines)
+
+
+def stage_of_the_gap(runs: list[dict]) -> str:
+    """The full-generation MMD² gap (scLDM - scVI) split into round trip, latent prior and library-size model."""
+    def gap(stage):
+        return np.mean([run["scLDM"][stage]["mmd_rbf"][0] - run["scVI"][stage]["mmd_rbf"][0] for run in runs])
+
+    shares = {"VAE round trip (a)": gap("a"), "latent prior (b)": gap("b decoded") - gap("a"),
+              "library-size model (c)": gap("e") - gap("b decoded")}
+    listed = ", ".join(f"{name} {share:+.4f}" for name, share in shares.items())
+    loser = max(shares, key=shares.get)
+    if gap("e") <= 0:
+        return f"scLDM is not behind scVI in full generation (MMD² gap {gap('e'):+.4f}); stage shares: {listed}."
+    return f"full-generation MMD² gap scLDM - scVI {gap('e'):+.4f} = {listed}: the {loser} loses the distance."
+
+
+def diagnose(cells: ad.AnnData, label_key: str, seed: int, recipe: Path, overrides: dict, dit_overrides: dict,
+             workdir: Path, reuse_trained: bool = False) -> tuple[dict, dict[str, float]]:
+    """One seed: split, train both models, diagnose both; returns the scores and the training wall times.
+
+    `reuse_trained` takes the scLDM pipeline already trained in `workdir` (a rerun of the diagnosis only).
+    """
+    train, floor, test = variable_genes_of_training_cells(stratified_split(cells, label_key, seed=seed))
+    wall = {}
+    start = time.perf_counter()
+    pipeline_dir = workdir / "pipeline"
+    if not (reuse_trained and (pipeline_dir / "model_index.json").is_file()):
+        pipeline_dir = train_scldm(train, label_key, recipe, workdir, {**overrides, "seed": seed}, dit_overrides)
+    wall["scLDM"] = time.perf_counter() - start
+    start = time.perf_counter()
+    scvi = ScviGenerator(label_key, seed=seed).fit(train)
+    wall["scVI"] = time.perf_counter() - start
+    print(f"seed {seed}: training wall time {wall}", flush=True)
+    scores = {"scLDM": diagnose_scldm(pipeline_dir, train, floor, test, label_key, seed),
+              "scVI": diagnose_scvi(scvi, train, floor, test, label_key, seed)}
+    return scores, wall
+
+
+def main() -> None:
+    parser = data_argument_parser(__doc__.splitlines()[0], seeds=[0])
+    parser.add_argument("--patience", type=int, default=5, help="early_stopping_patience of both scLDM stages")
+    parser.add_argument("--vae-validation-steps", type=int, default=50)
+    parser.add_argument("--dit-validation-steps", type=int, default=100)
+    parser.add_argument("--vae-max-steps", type=int, default=5000, help="upper bound of the early-stopped VAE")
+    parser.add_argument("--dit-max-steps", type=int, default=8000, help="upper bound of the early-stopped DiT")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the trained models in WORKDIR/<dataset>/seed<k> (default: a temporary folder)")
+    parser.add_argument("--reuse-trained", action="store_true",
+                        help="with --workdir: diagnose the scLDM pipelines already trained there instead of training")
+    args = parser.parse_args()
+    overrides = {"num_threads": args.threads, "early_stopping_patience": args.patience,
+                 "validation_steps": args.vae_validation_steps, "max_train_steps": args.vae_max_steps}
+    dit_overrides = {"validation_steps": args.dit_validation_steps, "max_train_steps": args.dit_max_steps,
+                     "num_eval_cells": 0}
+
+    for name, load in chosen_datasets(args, load_dataset).items():
+        cells, label_key = load()
+        runs, walls = [], []
+        for seed in args.seeds:
+            with tempfile.TemporaryDirectory() as scratch:
+                workdir = Path(scratch) if args.workdir is None else args.workdir / name / f"seed{seed}"
+                scores, wall = diagnose(cells, label_key, seed, args.recipe, overrides, dit_overrides, workdir,
+                                        args.reuse_trained)
+            runs.append(scores)
+            walls.append(wall)
+        times = ", ".join(f"{model} {mean_sd([wall[model] for wall in walls])} s" for model in MODELS)
+        print(f"\n### {name}: {cells.n_obs} cells, label {label_key!r}, seeds {args.seeds} (training wall time: "
+              f"{times})\n\n{diagnosis_table(runs)}\n\n{stage_of_the_gap(runs)}\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
