@@ -45,7 +45,7 @@ from scldm_hf.data import encode_dataset, load_pbmc68k_counts
 from scldm_hf.evaluation import FLOOR_SUFFIX, ScviGenerator, energy_distance, evaluate_generation, mmd_rbf
 from scldm_hf.evaluation.evaluate import equal_count_groups
 from scldm_hf.evaluation.genes import gene_moments
-from scldm_hf.evaluation.preprocessing import condition_labels, count_matrix
+from scldm_hf.evaluation.preprocessing import align_genes, condition_labels, count_matrix
 from scldm_hf.loading import load_pipeline
 from scldm_hf.models.modeling_scvae import sample_negative_binomial
 from scldm_hf.workflows.side_by_side import stratified_split, train_scldm
@@ -83,9 +83,12 @@ def library_size(cells: ad.AnnData) -> np.ndarray:
     return np.asarray(count_matrix(cells).sum(axis=1)).ravel()
 
 
-def with_counts(like: ad.AnnData, counts) -> ad.AnnData:
-    """AnnData of `counts [N, G]` with the obs and genes of `like` (a cell-by-cell counterpart)."""
-    return ad.AnnData(X=count_matrix(ad.AnnData(counts)).astype(np.float32), obs=like.obs.copy(), var=like.var.copy())
+def with_counts(like: ad.AnnData, counts, genes) -> ad.AnnData:
+    """AnnData of `counts [N, len(genes)]` (columns = `genes`, the model's order) with the obs of `like` (a
+    cell-by-cell counterpart), its columns reordered to `like`'s genes."""
+    cells = ad.AnnData(X=count_matrix(ad.AnnData(counts)).astype(np.float32), obs=like.obs.copy(),
+                       var=pd.DataFrame(index=pd.Index(genes)))
+    return align_genes(like, cells).copy()
 
 
 def count_scores(test, cells, label_key, train, floor, seed) -> dict[str, tuple[float, float]]:
@@ -153,9 +156,10 @@ def diagnose_scldm(pipeline_dir, train, floor, test, label_key, seed) -> dict[st
     test_sizes = torch.as_tensor(library_size(test), dtype=torch.float32)
 
     test_latents = torch.from_numpy(encode_dataset(pipe.vae, test))
-    round_trip = with_counts(test, pipe.decode_counts(test_latents, test_sizes, generator))
+    genes = pipe.vae.config.gene_names
+    round_trip = with_counts(test, pipe.decode_counts(test_latents, test_sizes, generator), genes)
     generated_latents = pipe(conditions={label_key: list(labels)}, output_type="latent", generator=generator).cells
-    decoded = with_counts(test, pipe.decode_counts(generated_latents, test_sizes, generator))
+    decoded = with_counts(test, pipe.decode_counts(generated_latents, test_sizes, generator), genes)
     label_ids = pipe.conditioner.encode({label_key: list(labels)})
     sizes = pipe.conditioner.sample_library_size(label_ids, len(labels), generator).numpy()
     full = pipe(conditions={label_key: list(labels)}, generator=generator).cells
@@ -183,7 +187,8 @@ def diagnose_scvi(scvi: ScviGenerator, train, floor, test, label_key, seed) -> d
 
     test_mean, test_std = scvi.posterior(test)
     mean, inverse_dispersion = scvi.decode(test_mean, test_sizes)
-    round_trip = with_counts(test, sample_negative_binomial(mean, inverse_dispersion, generator=generator).numpy())
+    round_trip = with_counts(test, sample_negative_binomial(mean, inverse_dispersion, generator=generator).numpy(),
+                             scvi.gene_names)
     training_mean = scvi.posterior_mean.mean(dim=0)
     training_std = scvi.posterior_mean.std(dim=0)
 
@@ -195,7 +200,7 @@ def diagnose_scvi(scvi: ScviGenerator, train, floor, test, label_key, seed) -> d
 
     floor_mean, floor_std = scvi.posterior(floor)
     generated_latents = scvi.sample_latents(labels, seed=seed)
-    decoded = with_counts(test, scvi.sample(labels, library_sizes=test_sizes.numpy(), seed=seed).X)
+    decoded = with_counts(test, scvi.sample(labels, library_sizes=test_sizes.numpy(), seed=seed).X, scvi.gene_names)
     return {
         "a": count_scores(test, round_trip, label_key, train, floor, seed),
         "b latent": latent_scores(standardized(posterior_sample(test_mean, test_std)), labels,
@@ -205,7 +210,7 @@ def diagnose_scvi(scvi: ScviGenerator, train, floor, test, label_key, seed) -> d
         "c": library_size_scores(scvi.library_sizes(labels, seed=seed).numpy(), test_sizes.numpy(), labels,
                                  library_size(floor), floor_labels),
         "d": noise_scores(round_trip, test, floor, label_key),
-        "e": count_scores(test, with_counts(test, scvi.sample(labels, seed=seed).X), label_key, train, floor, seed),
+        "e": count_scores(test, scvi.sample(labels, seed=seed), label_key, train, floor, seed),
     }
 
 
