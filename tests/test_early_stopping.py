@@ -5,7 +5,6 @@ import csv
 import shutil
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,7 +15,7 @@ from scldm_hf.models import SCVAEModel
 from scldm_hf.pipelines import SCLDMPipeline
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
 from scldm_hf.training.checkpointing import BEST_WEIGHTS_FILE, list_checkpoints
-from scldm_hf.training.data import split_train_validation
+from scldm_hf.training.data import LATENT_CACHE_DIR, SHARD_GLOB, open_arrow_shards, split_train_validation
 from scldm_hf.training.dit import train_dit, validation_flow_matching_loss
 from scldm_hf.training.trackers import METRICS_FILE
 from scldm_hf.training.vae import evaluate_vae, train_vae
@@ -98,7 +97,8 @@ def test_dit_early_stopping_keeps_the_best_ema_weights(stopped_vae, corpus, tmp_
     best_step = min(losses, key=losses.get)
     assert max(losses) == best_step + PATIENCE * VALIDATION_STEPS < MAX_STEPS
     pipeline = SCLDMPipeline.from_pretrained(output_dir)
-    cache = datasets.load_from_disk(str(output_dir / "latent_cache")).with_format("numpy", columns=["latents", "cell_type"])
+    shards = sorted((output_dir / LATENT_CACHE_DIR).glob(SHARD_GLOB))
+    cache = open_arrow_shards(shards).with_format("numpy", columns=["latents", "cell_type"])
     validation = split_train_validation(cache, EARLY_STOPPING["validation_fraction"], seed=0)[1]
     loss = validation_flow_matching_loss(pipeline.transformer, validation, ["cell_type"], config.batch_size,
                                          config.seed, pipeline.vae.normalize_latents)
