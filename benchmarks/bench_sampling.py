@@ -13,10 +13,22 @@ generates `--num-cells` cells with the real cell-type composition and reports:
 
     python benchmarks/bench_sampling.py --threads 1
     python benchmarks/bench_sampling.py --device cuda   # peak and FLOP/s then refer to the GPU's float32 matmuls
+
+With `--couplings`, it instead measures how training couplings (`DiTTrainingConfig.coupling`) change quality against
+Euler steps. The cells are split 50/15/15/20 (stratified, seed 0) into train / validation / floor / test; one demo VAE
+is trained on the train cells, then the demo DiT once per coupling and seed (same VAE and latents). Each pipeline
+generates the validation and the test cells' cell-type composition, scored by `evaluate_generation` (PCA fitted on
+the train cells, the floor cells as the real floor). The scheduler `shift` of the few-step rows is chosen per coupling
+on the validation split (least mean `--shift-steps` gap to 50 steps); the test split is scored only at shift 1 and at
+that choice.
+
+    python benchmarks/bench_sampling.py --threads 1 --couplings independent minibatch_ot --seeds 0 1 2
 """
 
 import argparse
+import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -28,14 +40,17 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from scldm_hf.data import load_pbmc68k_counts
-from scldm_hf.evaluation import fit_real_pca, log_normalize, mmd_rbf
-from scldm_hf.workflows.side_by_side import train_scldm
+from scldm_hf.evaluation import evaluate_generation, fit_real_pca, log_normalize, mmd_rbf
+from scldm_hf.flow_matching import COUPLINGS
 from scldm_hf.loading import load_pipeline
+from scldm_hf.workflows.side_by_side import stratified_split, train_scldm
 
 RECIPE = Path(__file__).resolve().parents[1] / "training" / "configs" / "pbmc_demo.yaml"
 LABEL_KEY = "cell_type"
 SCHEDULERS = {"Euler": FlowMatchEulerDiscreteScheduler, "Heun": FlowMatchHeunDiscreteScheduler}
 REFERENCE = ("Euler", 50)
+# train / validation / floor / test of the coupling study
+STUDY_SPLIT = (0.5, 0.15, 0.15, 0.2)
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,6 +65,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where the pipeline samples (e.g. cuda)")
+    study = parser.add_argument_group("coupling study (--couplings)")
+    study.add_argument("--couplings", nargs="+", choices=COUPLINGS, help="train and compare these couplings")
+    study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="DiT training and sampling seeds")
+    study.add_argument("--study-steps", type=int, nargs="+", default=[1, 2, 5, 10, 25, 50])
+    study.add_argument("--shifts", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0],
+                       help="scheduler shifts tried on the validation split")
+    study.add_argument("--shift-steps", type=int, nargs="+", default=[2, 5], help="steps the shifts are tried at")
     return parser.parse_args()
 
 
@@ -140,11 +162,105 @@ def profile_one_batch(pipe, conditions, args) -> str:
     return profiler.key_averages().table(sort_by=sort_by, row_limit=12)
 
 
+def study_pipeline(train, coupling: str, seed: int, work_dir: Path) -> tuple[Path, float]:
+    """The demo DiT trained with `coupling` and `seed` on the shared demo VAE of `train` (kept in
+    ``work_dir/<coupling>_seed<seed>``), and its training wall time (0 when reused)."""
+    pipeline_dir = work_dir / f"{coupling}_seed{seed}"
+    if (pipeline_dir / "model_index.json").is_file():
+        return pipeline_dir, 0.0
+    start = time.perf_counter()
+    shutil.rmtree(work_dir / "pipeline", ignore_errors=True)  # an interrupted run's checkpoints
+    trained = train_scldm(train, LABEL_KEY, RECIPE, work_dir, reuse_vae=True,
+                          dit_overrides={"num_eval_cells": 0, "seed": seed, "coupling": coupling})
+    shutil.move(trained, pipeline_dir)
+    return pipeline_dir, time.perf_counter() - start
+
+
+def study_scores(pipe, real, train, floor, seed: int, runs: list[tuple[int, float]]) -> list[dict]:
+    """MMD^2 (and its real floor) of `pipe`'s cells with `real`'s cell types, for each ``(steps, shift)`` of `runs`;
+    every run starts from the same noise."""
+    conditions = {LABEL_KEY: list(real.obs[LABEL_KEY].astype(str))}
+    rows = []
+    for steps, shift in runs:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
+        generator = torch.Generator().manual_seed(seed)
+        cells = pipe(conditions=conditions, num_inference_steps=steps, generator=generator).cells
+        scores = evaluate_generation(real, cells, LABEL_KEY, reference=train, real_floor=floor, seed=seed).loc["mean"]
+        rows.append({"steps": steps, "shift": shift, "mmd": scores["mmd_rbf"], "floor": scores["mmd_rbf_real_floor"]})
+    return rows
+
+
+def with_gaps(rows: list[dict]) -> list[dict]:
+    """`rows` of one pipeline and split with ``gap``: % MMD^2 above its 50-step shift-1 row."""
+    reference = next(row["mmd"] for row in rows if (row["steps"], row["shift"]) == (50, 1.0))
+    return [row | {"gap": 100 * (row["mmd"] - reference) / reference} for row in rows]
+
+
+def mean_sd(values) -> str:
+    return f"{np.mean(values):.4g} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.2g}"
+
+
+def print_study_table(title: str, rows: list[dict], keys: list[tuple]) -> None:
+    """Markdown table of MMD^2, gap and floor (mean ± sd over seeds) per ``(coupling, steps, shift)`` of `keys`."""
+    print(f"\n{title}\n")
+    print("| coupling | steps | shift | MMD^2 | gap to 50 steps (%) | real floor MMD^2 | seeds |")
+    print("|---|---|---|---|---|---|---|")
+    for coupling, steps, shift in keys:
+        cell = [row for row in rows if (row["coupling"], row["steps"], row["shift"]) == (coupling, steps, shift)]
+        print(f"| {coupling} | {steps} | {shift:g} | {mean_sd([row['mmd'] for row in cell])} | "
+              f"{mean_sd([row['gap'] for row in cell])} | {mean_sd([row['floor'] for row in cell])} | {len(cell)} |")
+
+
+def coupling_study(args) -> None:
+    """Train one demo pipeline per coupling and seed; print validation (shift choice) and test tables."""
+    start = time.perf_counter()
+    work_dir = Path(args.work_dir) / "couplings"
+    train, validation, floor, test = stratified_split(load_pbmc68k_counts(), LABEL_KEY, STUDY_SPLIT, seed=0)
+    print(f"cells: {train.n_obs} train, {validation.n_obs} validation, {floor.n_obs} floor, {test.n_obs} test")
+    validation_runs = [(50, 1.0)] + [(steps, shift) for steps in args.shift_steps for shift in args.shifts]
+    pipelines, validation_rows = {}, []
+    for seed in args.seeds:
+        for coupling in args.couplings:
+            pipelines[coupling, seed], seconds = study_pipeline(train, coupling, seed, work_dir)
+            torch.set_num_threads(args.threads)  # scanpy calls during training reset torch's thread count
+            pipe = load_pipeline(pipelines[coupling, seed])
+            pipe.set_progress_bar_config(disable=True)
+            rows = with_gaps(study_scores(pipe, validation, train, floor, seed, validation_runs))
+            validation_rows += [row | {"coupling": coupling, "seed": seed} for row in rows]
+            print(f"{coupling} seed {seed}: DiT trained in {seconds:.0f} s, validation scored", flush=True)
+    shift_keys = [(coupling, steps, shift) for coupling in args.couplings for steps in args.shift_steps
+                  for shift in args.shifts]
+    print_study_table("Validation split: scheduler shift at few steps", validation_rows, shift_keys)
+    chosen = {coupling: min(args.shifts, key=lambda shift: np.mean([
+        row["gap"] for row in validation_rows
+        if (row["coupling"], row["steps"], row["shift"]) == (coupling, max(args.shift_steps), shift)]))
+        for coupling in args.couplings}
+    print(f"\nshift chosen on validation ({max(args.shift_steps)} steps): {chosen}")
+
+    test_rows = []
+    for (coupling, seed), pipeline_dir in pipelines.items():
+        pipe = load_pipeline(pipeline_dir)
+        pipe.set_progress_bar_config(disable=True)
+        runs = [(steps, 1.0) for steps in args.study_steps]
+        if chosen[coupling] != 1.0:
+            runs += [(steps, chosen[coupling]) for steps in args.study_steps if steps < 50]
+        rows = with_gaps(study_scores(pipe, test, train, floor, seed, runs))
+        test_rows += [row | {"coupling": coupling, "seed": seed} for row in rows]
+    test_keys = sorted({(row["coupling"], row["steps"], row["shift"]) for row in test_rows},
+                       key=lambda key: (args.couplings.index(key[0]), key[2], key[1]))
+    print_study_table(f"Test split ({test.n_obs} cells): Euler steps, gap to the same pipeline's 50 steps (shift 1)",
+                      test_rows, test_keys)
+    (work_dir / "results.json").write_text(json.dumps({"validation": validation_rows, "test": test_rows}, indent=1))
+    print(f"\nwall time {time.perf_counter() - start:.0f} s, {args.threads} torch thread(s)")
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("accelerate").setLevel(logging.ERROR)
+    if args.couplings:
+        return coupling_study(args)
     real = load_pbmc68k_counts()
     pipe = trained_pipeline(Path(args.work_dir), real).to(args.device)
     torch.set_num_threads(args.threads)  # scanpy calls during training reset torch's thread count

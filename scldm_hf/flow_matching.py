@@ -9,12 +9,20 @@ For clean latents `x` and Gaussian noise `n`, a noise level `sigma` in [0, 1] gi
 which is exactly `FlowMatchEulerDiscreteScheduler.scale_noise` with `shift=1`, except that sigma is continuous here
 instead of lying on the scheduler's 1000-step training grid. Classifier-free guidance is learned by replacing
 covariate labels with the null label (id `num_labels`) with probability `condition_dropout`.
+
+`coupling` chooses which noise `n` each latent `x` of a batch is paired with: `"independent"` draws (the released
+scLDM and scLDM.CD4), or the exact minibatch optimal-transport plan (Tong et al. 2023, OT-CFM) on squared Euclidean
+distances, which pairs each latent with a nearby noise sample and straightens the paths the sampler integrates. The
+noise is permuted, never the latents, so each cell keeps its labels; `"minibatch_ot_by_label"` solves the plan within
+each group of cells with the same labels, so the noise paired with a label stays a standard normal sample.
 """
 
+import typing
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -23,6 +31,8 @@ from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 
 TimestepSampling = Literal["uniform", "logit_normal"]
 DropoutMode = Literal["joint", "independent"]
+Coupling = Literal["independent", "minibatch_ot", "minibatch_ot_by_label"]
+COUPLINGS = typing.get_args(Coupling)
 
 
 def sample_sigmas(
@@ -86,6 +96,42 @@ def drop_covariates(
     }
 
 
+def optimal_transport_pairing(
+    latents: torch.Tensor, noise: torch.Tensor, groups: torch.LongTensor | None = None
+) -> torch.LongTensor:
+    """The noise row paired with each latent `[B]` under the exact OT plan between `latents` and `noise [B, ...]`.
+
+    The cost is the squared Euclidean distance between flattened rows; the plan (a permutation, uniform weights) is
+    scipy's `linear_sum_assignment`. With `groups [B]` (integer ids), each group is paired within itself.
+    """
+    cost = torch.cdist(latents.flatten(1).double(), noise.flatten(1).double()).square().cpu()
+    groups = torch.zeros(len(latents), dtype=torch.long) if groups is None else groups.cpu()
+    pairing = torch.arange(len(latents))
+    for group in groups.unique():
+        members = (groups == group).nonzero().squeeze(1)
+        _, columns = linear_sum_assignment(cost[members][:, members].numpy())
+        pairing[members] = members[columns]
+    return pairing.to(latents.device)
+
+
+def couple_noise(
+    latents: torch.Tensor, noise: torch.Tensor, coupling: Coupling, covariates: dict[str, torch.LongTensor]
+) -> torch.Tensor:
+    """`noise [B, ...]` reordered to pair with `latents [B, ...]` by `coupling` (see the module docstring).
+
+    `covariates` (label ids `{name: [B]}`, before any dropout) define the groups of `"minibatch_ot_by_label"`.
+    """
+    if coupling not in COUPLINGS:
+        raise ConfigurationError(f"coupling={coupling!r} is not one of {COUPLINGS}.")
+    if coupling == "independent":
+        return noise
+    groups = None
+    if coupling == "minibatch_ot_by_label" and covariates:
+        labels = torch.stack(list(covariates.values()), dim=1)
+        groups = labels.unique(dim=0, return_inverse=True)[1]
+    return noise[optimal_transport_pairing(latents, noise, groups)]
+
+
 def flow_matching_loss(
     transformer: LatentDiTTransformer,
     latents: torch.Tensor,
@@ -96,15 +142,18 @@ def flow_matching_loss(
     condition_dropout: float = 0.1,
     dropout_mode: DropoutMode = "joint",
     num_train_timesteps: int = 1000,
+    coupling: Coupling = "independent",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Mean squared error between the predicted and the true velocity for clean `latents [B, T, D]` (scalar).
 
     `covariates` are label ids `{name: LongTensor [B]}`; they are dropped to null for classifier-free guidance as in
-    [`drop_covariates`]. Pass a `generator` for reproducible noise, noise levels and dropout.
+    [`drop_covariates`], after the noise is paired with the latents by `coupling` ([`couple_noise`]). Pass a
+    `generator` for reproducible noise, noise levels and dropout.
     """
     batch_size = latents.shape[0]
     noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = couple_noise(latents, noise, coupling, covariates or {})
     sigmas = sample_sigmas(batch_size, timestep_sampling, logit_mean, logit_std, generator, latents.device)
     covariates = drop_covariates(
         covariates or {}, transformer.config.covariate_num_labels, condition_dropout, dropout_mode, generator
@@ -115,4 +164,5 @@ def flow_matching_loss(
     return F.mse_loss(prediction.float(), (noise - latents).float())
 
 
-__all__ = ["add_noise", "drop_covariates", "flow_matching_loss", "sample_sigmas"]
+__all__ = ["add_noise", "couple_noise", "drop_covariates", "flow_matching_loss", "optimal_transport_pairing",
+           "sample_sigmas"]

@@ -1,5 +1,7 @@
 """LatentDiTTransformer, the flow-matching objective, the diffusers schedulers and CellConditioner (no VAE needed)."""
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,7 +9,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
 from scldm_hf.errors import ConditionError, ConfigurationError, InputDataError
-from scldm_hf.flow_matching import add_noise, drop_covariates, flow_matching_loss, sample_sigmas
+from scldm_hf.flow_matching import (
+    add_noise,
+    couple_noise,
+    drop_covariates,
+    flow_matching_loss,
+    optimal_transport_pairing,
+    sample_sigmas,
+)
 from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 
@@ -157,6 +166,72 @@ def test_flow_matching_loss_is_reproducible_and_trains_the_transformer():
     assert torch.equal(loss(0), loss(0)) and not torch.equal(loss(0), loss(1))
     loss(0).backward()
     assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in model.parameters())
+
+
+# --- noise-latent coupling ---
+
+
+def pairing_cost(latents, noise, pairing):
+    """Total squared distance `sum_i ||latents[i] - noise[pairing[i]]||^2`."""
+    return float((latents - noise[torch.as_tensor(list(pairing))]).square().sum())
+
+
+def brute_force_cost(latents, noise, members):
+    """The least pairing cost of the cells `members` with their own noise rows, over every permutation."""
+    return min(pairing_cost(latents[members], noise[members], order)
+               for order in itertools.permutations(range(len(members))))
+
+
+def test_minibatch_ot_pairs_each_latent_with_noise_at_the_least_total_squared_distance():
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(7, NUM_TOKENS, LATENT_DIM, generator=generator, dtype=torch.float64) + 1.0
+    noise = torch.randn(7, NUM_TOKENS, LATENT_DIM, generator=generator, dtype=torch.float64)
+    pairing = optimal_transport_pairing(latents, noise)
+    assert sorted(pairing.tolist()) == list(range(7))  # a permutation: every noise row is used once
+    cost = pairing_cost(latents, noise, pairing)
+    assert cost < pairing_cost(latents, noise, range(7))  # strictly better than the draws' order here
+    assert cost == pytest.approx(brute_force_cost(latents, noise, list(range(7))), rel=1e-12)
+
+
+def test_minibatch_ot_by_label_pairs_within_each_label_optimally():
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(9, NUM_TOKENS, LATENT_DIM, generator=generator, dtype=torch.float64)
+    noise = torch.randn(9, NUM_TOKENS, LATENT_DIM, generator=generator, dtype=torch.float64)
+    covariates = {"cell_type": torch.tensor([0, 1, 0, 1, 1, 0, 2, 0, 1]), "donor": torch.tensor([0] * 8 + [1])}
+    coupled = couple_noise(latents, noise, "minibatch_ot_by_label", covariates)
+    pairing = [int(torch.nonzero((noise == row).all(dim=-1).all(dim=-1))) for row in coupled]
+    groups = [[0, 2, 5, 7], [1, 3, 4], [6], [8]]  # (cell_type, donor) combinations
+    for members in groups:
+        assert sorted(pairing[i] for i in members) == members, "noise crossed a label group"
+        assert pairing_cost(latents[members], coupled[members], range(len(members))) == pytest.approx(
+            brute_force_cost(latents, noise, members), rel=1e-12)
+    across_labels = pairing_cost(latents, couple_noise(latents, noise, "minibatch_ot", covariates), range(9))
+    assert across_labels <= pairing_cost(latents, coupled, range(9)) <= pairing_cost(latents, noise, range(9))
+    assert couple_noise(latents, noise, "independent", covariates) is noise
+    with pytest.raises(ConfigurationError, match="coupling='sinkhorn' is not one of"):
+        couple_noise(latents, noise, "sinkhorn", covariates)
+
+
+@pytest.mark.parametrize("coupling", ["minibatch_ot", "minibatch_ot_by_label"])
+def test_coupled_loss_permutes_the_noise_and_keeps_latents_with_their_labels(coupling):
+    """The loss is the velocity error of the latents, in their order and with their own labels, against the
+    re-paired noise: the same random draws as independent coupling, only the noise rows reordered."""
+    model = tiny_transformer()
+    latents = torch.randn(12, NUM_TOKENS, LATENT_DIM) * 2 + 1
+    labels = {"cell_type": torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(2))}
+
+    def loss(**kwargs):
+        return flow_matching_loss(model, latents, labels, condition_dropout=0.0,
+                                  generator=torch.Generator().manual_seed(3), **kwargs)
+
+    generator = torch.Generator().manual_seed(3)
+    noise = couple_noise(latents, torch.randn(latents.shape, generator=generator), coupling, labels)
+    sigmas = sample_sigmas(12, generator=generator)
+    prediction = model(add_noise(latents, noise, sigmas), timestep=sigmas * 1000, covariates=labels).sample
+    with torch.no_grad():
+        torch.testing.assert_close(loss(coupling=coupling), torch.nn.functional.mse_loss(prediction, noise - latents))
+        assert torch.equal(loss(), loss(coupling="independent"))  # the default is unchanged
+        assert not torch.equal(loss(), loss(coupling=coupling))
 
 
 # --- schedulers ---

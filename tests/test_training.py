@@ -19,6 +19,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+import yaml
 from accelerate.tracking import get_available_trackers
 from safetensors.torch import load_file
 from transformers import PreTrainedConfig
@@ -342,3 +343,21 @@ def test_multi_process_launch_without_cpu_flag_is_refused(monkeypatch, tmp_path)
     config = tiny_config(VAETrainingConfig, "vae", output_dir=str(tmp_path), cpu=False)  # the user forgot --cpu
     with pytest.raises(ConfigurationError, match="pass --cpu"):
         build_accelerator(config)
+
+
+def test_coupling_option_round_trips_through_recipe_command_line_and_saved_training_config(tmp_path):
+    from scldm_hf.training.model_card import portable_config
+
+    assert tiny_config(DiTTrainingConfig, "dit").coupling == "independent"  # the released scLDM's draws
+    recipe, recipe_values = tmp_path / "recipe.yaml", yaml.safe_load(TINY.read_text())
+    recipe_values["dit"]["coupling"] = "minibatch_ot"
+    recipe.write_text(yaml.safe_dump(recipe_values))
+    assert load_config(DiTTrainingConfig, recipe, section="dit").coupling == "minibatch_ot"
+    config = RecipeParser(DiTTrainingConfig, "dit").parse(["--config", str(recipe), "--coupling",
+                                                           "minibatch_ot_by_label"])
+    assert config.coupling == "minibatch_ot_by_label"
+    saved = tmp_path / "training_config.yaml"  # what publish_model_folder writes beside the pipeline
+    saved.write_text(yaml.safe_dump(portable_config(config)))
+    assert yaml.safe_load(saved.read_text())["coupling"] == "minibatch_ot_by_label"
+    with pytest.raises(ConfigurationError, match="coupling='sinkhorn' is not one of"):
+        tiny_config(DiTTrainingConfig, "dit", coupling="sinkhorn")

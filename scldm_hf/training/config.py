@@ -26,7 +26,7 @@ from transformers import HfArgumentParser, PreTrainedConfig
 from transformers.utils.auto_docstring import parse_docstring
 
 from scldm_hf.errors import ConfigurationError
-from scldm_hf.flow_matching import DropoutMode
+from scldm_hf.flow_matching import Coupling, DropoutMode
 from scldm_hf.models.configuration_scvae import SCVAEConfig
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 
@@ -197,6 +197,10 @@ class DiTTrainingConfig(TrainingConfig):
     condition_dropout_mode: DropoutMode = field(default="joint", metadata={
         "help": "joint drops all of a cell's labels together; independent drops each covariate on its own, which "
                 "lets the model compose covariates (unseen cell type x perturbation pairs)."})
+    coupling: Coupling = field(default="independent", metadata={
+        "help": "Pairing of noise and latents in a batch: independent draws (the released scLDM); minibatch_ot, the "
+                "exact optimal-transport plan of the batch (straighter paths, for fewer sampling steps); "
+                "minibatch_ot_by_label, that plan within each group of cells with the same labels."})
     use_ema: bool = field(default=True, metadata={
         "help": "Keep an exponential moving average of the DiT weights; the EMA weights are saved."})
     ema_decay: float = field(default=0.999, metadata={"help": "Decay of the EMA."})

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from scldm_hf.data import CorpusInfo
 from scldm_hf.errors import ConditionError, ConfigurationError
-from scldm_hf.flow_matching import DropoutMode, flow_matching_loss
+from scldm_hf.flow_matching import Coupling, DropoutMode, flow_matching_loss
 from scldm_hf.loading import load_vae
 from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.models.modeling_scvae import SCVAEModel
@@ -58,16 +58,18 @@ class FlowMatchingObjective(nn.Module):
     Wrapping the loss in a module lets Accelerate's DDP wrapper and autocast see the whole training forward.
     """
 
-    def __init__(self, transformer: LatentDiTTransformer, condition_dropout: float, dropout_mode: DropoutMode):
+    def __init__(self, transformer: LatentDiTTransformer, condition_dropout: float, dropout_mode: DropoutMode,
+                 coupling: Coupling):
         super().__init__()
         self.transformer = transformer
         self.condition_dropout = condition_dropout
         self.dropout_mode = dropout_mode
+        self.coupling = coupling
 
     def forward(self, latents: torch.Tensor, covariates: dict[str, torch.LongTensor]) -> torch.Tensor:
         return flow_matching_loss(
             self.transformer, latents, covariates,
-            condition_dropout=self.condition_dropout, dropout_mode=self.dropout_mode,
+            condition_dropout=self.condition_dropout, dropout_mode=self.dropout_mode, coupling=self.coupling,
         )
 
 
@@ -175,7 +177,8 @@ def train_transformer(accelerator: Accelerator, config: DiTTrainingConfig, trans
     if config.use_ema:
         ema = EMAModel(transformer.parameters(), decay=config.ema_decay, model_cls=LatentDiTTransformer,
                        model_config=transformer.config)
-    objective = FlowMatchingObjective(transformer, config.condition_dropout, config.condition_dropout_mode)
+    objective = FlowMatchingObjective(transformer, config.condition_dropout, config.condition_dropout_mode,
+                                      config.coupling)
     dataloader = build_dataloader(train, config, LatentCollator(covariates, normalize=normalize))
     optimizer = build_optimizer(objective, config, frozen_from_decay=frozen_weights)
     lr_scheduler = build_lr_scheduler(optimizer, config, accelerator.num_processes)
