@@ -4,9 +4,11 @@ buffer, and both stages train on an `IterableDataset` (the DiT on the streamed l
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate import Accelerator, debug_launcher
 
 from scldm_hf.data import anndata_to_corpus, load_corpus
@@ -82,3 +84,18 @@ def test_both_stages_train_from_a_streamed_corpus(corpus, tmp_path):
     for card in (vae_dir / "README.md", pipeline_dir / "README.md"):
         text = card.read_text()
         assert f"({NUM_CELLS - num_validation} for training, {num_validation} held out" in text, card
+
+
+def test_resumed_streaming_run_matches_an_uninterrupted_one(corpus, tmp_path):
+    """Resuming mid-epoch replays the epoch's seeded order and skips the batches already seen (here 8 of 18)."""
+    def run(output_dir: Path, **options) -> dict:
+        config = load_config(VAETrainingConfig, TINY, {"data": str(corpus), "output_dir": str(output_dir),
+                                                       "streaming": True, "max_train_steps": 12,
+                                                       "checkpointing_steps": 8, **options}, section="vae")
+        return train_vae(config).state_dict()
+
+    uninterrupted = run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "checkpoint-8", tmp_path / "b" / "checkpoints" / "checkpoint-8")
+    resumed = run(tmp_path / "b", resume_from_checkpoint="latest")
+    for name, value in uninterrupted.items():
+        assert torch.equal(value, resumed[name]), name
