@@ -470,13 +470,14 @@ def load_corpus(path: str | PathLike, streaming: bool = False,
     shards = sorted(str(shard) for shard in Path(path).glob(SHARD_GLOB))
     if not shards:
         raise InputDataError(f"The corpus folder {path} holds no {SHARD_GLOB} shards; rebuild it with anndata_to_corpus.")
+    return open_arrow_shards(shards, streaming), info
+
+
+def open_arrow_shards(shards: Sequence[str | PathLike],
+                      streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    """The Arrow stream files `shards` (written by :func:`write_arrow_shards`), in order: one memory-mapped
+    ``Dataset``, or with `streaming` an ``IterableDataset`` reading them record batch by record batch (one of its
+    ``num_shards`` per file); pages it has read are not kept mapped, so its memory does not grow with the files."""
     if streaming:
-        dataset = datasets.load_dataset("arrow", data_files=shards, split="train", streaming=True)
-    else:
-        dataset = open_arrow_shards(shards)
-    return dataset, info
-
-
-def open_arrow_shards(shards: Sequence[str | PathLike]) -> datasets.Dataset:
-    """One ``Dataset`` memory-mapping the Arrow stream files `shards` (written by :func:`write_arrow_shards`), in order."""
+        return datasets.load_dataset("arrow", data_files=[str(shard) for shard in shards], split="train", streaming=True)
     return datasets.concatenate_datasets([datasets.Dataset.from_file(str(shard)) for shard in shards])

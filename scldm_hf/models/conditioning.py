@@ -17,6 +17,7 @@ from ..validation import check_conditions
 
 ANY_LABEL = -1  # group_label_ids entry that matches any label (e.g. a covariate added after the library-size fit)
 _MAX_LISTED_LABELS = 30
+_COLUMN_BATCH_SIZE = 65_536  # rows per read of the label and library-size columns
 
 
 class CellConditioner(ModelMixin, ConfigMixin):
@@ -60,8 +61,8 @@ class CellConditioner(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_dataset(cls, dataset, covariates: list[str] | None = None) -> "CellConditioner":
-        """Labels from the `ClassLabel` columns of a cell `datasets.Dataset` (all of them by default) and the
-        library-size model fitted to its `library_size` column."""
+        """Labels from the `ClassLabel` columns of a cell `datasets.Dataset` or `IterableDataset` (all of them by
+        default) and the library-size model fitted to its `library_size` column (read as numpy, batch by batch)."""
         if covariates is None:
             covariates = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
         missing = [name for name in covariates if not isinstance(dataset.features.get(name), ClassLabel)]
@@ -71,10 +72,10 @@ class CellConditioner(ModelMixin, ConfigMixin):
                 f"{list(dataset.features)}); convert the data with anndata_to_dataset(..., covariates=[...])."
             )
         conditioner = cls(covariate_labels={name: dataset.features[name].names for name in covariates})
-        conditioner.fit_library_size(
-            {name: torch.as_tensor(np.asarray(dataset[name])) for name in covariates},
-            torch.as_tensor(np.asarray(dataset["library_size"])),
-        )
+        columns = [*covariates, "library_size"]
+        batches = list(dataset.select_columns(columns).with_format("numpy").iter(batch_size=_COLUMN_BATCH_SIZE))
+        values = {name: torch.as_tensor(np.concatenate([batch[name] for batch in batches])) for name in columns}
+        conditioner.fit_library_size({name: values[name] for name in covariates}, values["library_size"])
         return conditioner
 
     def fit_library_size(self, covariates: dict[str, torch.LongTensor], library_size: torch.Tensor) -> None:

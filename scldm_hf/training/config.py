@@ -74,6 +74,14 @@ class TrainingConfig:
                                         "<output_dir>/corpus first) or a built-in data set (pbmc68k)."})
     data_revision: str | None = field(default=None, metadata={
         "help": "Branch, tag or commit of a Hub dataset id given as data (None: main)."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Read the corpus (and stage 2's latent cache) as a datasets IterableDataset, record batch by record "
+                "batch, each process its own shards (split_dataset_by_node), so memory does not grow with the "
+                "corpus. The validation cells are then those whose seeded hash of cell_id falls below "
+                "validation_fraction, and the order is a shuffle buffer (shuffle_buffer_size) seeded by seed and "
+                "the epoch. False memory-maps the corpus (random access, exact random split)."})
+    shuffle_buffer_size: int = field(default=10_000, metadata={
+        "help": "Cells in the shuffle buffer of a streaming run (larger: closer to a full shuffle, more memory)."})
     covariates: list[str] = field(default_factory=list, metadata={
         "help": "obs columns kept when data is an .h5ad file (space-separated on the command line)."})
     layer: str | None = field(default=None, metadata={"help": "Layer of the .h5ad holding raw counts (None: X)."})
@@ -135,7 +143,7 @@ class TrainingConfig:
         check_tracker_names(self.report_to)
         _check_choices(self)
         positive = ("max_train_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                    "checkpoints_total_limit", "logging_steps", "learning_rate", "validation_steps")
+                    "checkpoints_total_limit", "logging_steps", "learning_rate", "validation_steps", "shuffle_buffer_size")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name}={getattr(self, name)} must be > 0.")
@@ -240,6 +248,9 @@ class FinetuneConfig(DiTTrainingConfig):
         super().__post_init__()
         if not self.pipeline_name_or_path:
             raise ConfigurationError("finetune needs pipeline_name_or_path (a saved SCLDMPipeline folder or Hub id).")
+        if self.streaming:
+            raise ConfigurationError("finetune reads its data memory-mapped (it re-codes the labels in place); set "
+                                     "streaming: false (--streaming false).")
         if self.vae_name_or_path is not None:
             raise ConfigurationError(
                 f"finetune uses the VAE of {self.pipeline_name_or_path!r}; remove vae_name_or_path="

@@ -14,6 +14,8 @@ import pyarrow as pa
 import scipy.sparse as sp
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+from datasets.distributed import split_dataset_by_node
 from datasets.utils.py_utils import convert_file_size_to_int
 from torch.utils.data import DataLoader
 
@@ -37,6 +39,9 @@ BUILTIN_SOURCES = {"pbmc68k": "scanpy.datasets.pbmc68k_reduced() (68k PBMC subsa
 LATENT_CACHE_DIR = "latent_cache"
 LATENT_CACHE_KEY_FILE = "cache_key.json"
 CORPUS_KEY_FILE = "source_key.json"
+# rows per batch of the sequential passes over a data set (hashing cell ids, counting rows)
+SCAN_BATCH_SIZE = 4096
+TrainingData = datasets.Dataset | datasets.IterableDataset
 
 
 def prepare_corpus(
@@ -45,9 +50,9 @@ def prepare_corpus(
     vocab: GeneVocab | None = None,
     covariates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     adata: ad.AnnData | None = None,
-) -> tuple[datasets.Dataset, CorpusInfo]:
-    """Open ``config.data`` (or the in-memory `adata`) as a corpus; with a `vocab`, its genes must be exactly that
-    vocabulary.
+) -> tuple[TrainingData, CorpusInfo]:
+    """Open ``config.data`` (or the in-memory `adata`) as a corpus, memory-mapped or (``config.streaming``) as an
+    ``IterableDataset``; with a `vocab`, its genes must be exactly that vocabulary.
 
     A corpus folder, or the Hub dataset id of one (at ``config.data_revision``), is used as is. An ``.h5ad`` file or a built-in name (``pbmc68k``) is converted once, by the main
     process, into ``<output_dir>/corpus`` with `covariates` (default ``config.covariates``; a mapping fixes the label
@@ -84,7 +89,7 @@ def prepare_corpus(
                     info.save(corpus_dir)
                 if key is not None:  # a replaced corpus folder holds no key, so no later run reuses it by mistake
                     (corpus_dir / CORPUS_KEY_FILE).write_text(json.dumps(key))
-    dataset, info = load_corpus(corpus_dir)
+    dataset, info = load_corpus(corpus_dir, streaming=config.streaming)
     if vocab is not None and info.genes != vocab.genes:
         raise VocabularyError(
             f"the corpus {corpus_dir} has a different gene vocabulary ({len(info.genes)} genes) than the model "
@@ -94,13 +99,22 @@ def prepare_corpus(
     return dataset, info
 
 
-def split_train_validation(dataset: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def split_train_validation(dataset: TrainingData, fraction: float, seed: int) -> tuple[TrainingData, TrainingData | None]:
     """Seeded random split into (train, validation); validation is None when `fraction` is 0.
 
-    The split depends only on the number of rows and the seed, so a corpus and its latent cache split alike.
+    A ``Dataset``'s split depends only on its number of rows and the seed; an ``IterableDataset``'s, read once, on
+    each row's ``cell_id`` and the seed (`held_out`). Either way a corpus and its latent cache split alike.
     """
     if fraction == 0:
         return dataset, None
+    if isinstance(dataset, datasets.IterableDataset):
+        # filtered as Arrow tables, so later formats are converted from Arrow with the features' dtypes
+        tables = dataset.with_format("arrow")
+        return tuple(
+            tables.filter(lambda cells, keep=keep: held_out(cells["cell_id"].to_pylist(), fraction, seed) == keep,
+                          batched=True).with_format(None)
+            for keep in (False, True)
+        )
     num_validation = max(1, round(fraction * len(dataset)))
     if num_validation >= len(dataset):
         raise InputDataError(
@@ -111,16 +125,56 @@ def split_train_validation(dataset: datasets.Dataset, fraction: float, seed: int
             dataset.select(np.sort(order[:num_validation]), keep_in_memory=True))
 
 
-def build_dataloader(dataset, config: TrainingConfig, collate_fn, shuffle: bool = True) -> DataLoader:
-    """Map-style loader; `Accelerator.prepare` shards it across processes and seeds its order by (seed, epoch)."""
+def held_out(cell_ids: Sequence[str], fraction: float, seed: int) -> np.ndarray:
+    """``[N]`` bool: whether each cell is a validation cell of a streamed split, i.e. its seeded hash, uniform in
+    [0, 1), is below `fraction` (independent of row order and sharding, so every process agrees)."""
+    key = seed.to_bytes(8, "little", signed=True)
+    hashes = [int.from_bytes(hashlib.blake2b(cell.encode(), digest_size=8, key=key).digest(), "little")
+              for cell in cell_ids]
+    return np.asarray(hashes, dtype=np.uint64) < np.uint64(fraction * 2**64)
+
+
+def count_rows(dataset: TrainingData | None) -> int:
+    """Rows of `dataset` (0 for None); an ``IterableDataset`` is read through once to count them."""
+    if dataset is None:
+        return 0
+    if isinstance(dataset, datasets.Dataset):
+        return len(dataset)
+    return sum(len(table) for table in dataset.with_format("arrow").iter(batch_size=SCAN_BATCH_SIZE))
+
+
+def first_rows(dataset: TrainingData, num_rows: int) -> datasets.Dataset:
+    """The first `num_rows` rows of `dataset` (all if fewer), those of an ``IterableDataset`` read into memory."""
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.select(range(min(num_rows, len(dataset))))
+    return datasets.Dataset.from_list(list(dataset.take(num_rows)), features=dataset.features)
+
+
+def build_dataloader(dataset: TrainingData, config: TrainingConfig, collate_fn, accelerator: Accelerator) -> DataLoader:
+    """The training loader of this process, prepared by `accelerator` (device placement, ``set_epoch``).
+
+    A ``Dataset`` is loaded map-style: ``Accelerator.prepare`` shards it across processes and seeds its order by
+    (seed, epoch). An ``IterableDataset`` is split by `split_dataset_by_node` (whole shards per process when their
+    number divides by the processes, else every process keeps its share of the rows) and shuffled through a buffer
+    of ``config.shuffle_buffer_size`` cells seeded by (seed, epoch).
+    """
+    if isinstance(dataset, datasets.IterableDataset):
+        shuffled = dataset.shuffle(seed=config.seed, buffer_size=config.shuffle_buffer_size)
+        shard = split_dataset_by_node(shuffled, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        loader = DataLoader(shard, batch_size=config.batch_size, collate_fn=collate_fn, drop_last=True,
+                            num_workers=config.dataloader_num_workers)
+        # already split by node: prepared as for one process, so Accelerate does not shard it again
+        return prepare_data_loader(loader, device=accelerator.device, num_processes=1, process_index=0,
+                                   put_on_device=True, dispatch_batches=False)
     if len(dataset) < config.batch_size:
         raise InputDataError(
             f"{len(dataset)} training cells are fewer than batch_size={config.batch_size}; lower batch_size."
         )
     # A dedicated generator keeps the global RNG (model noise) untouched by loader iterators, so resuming mid-epoch
     # replays the same random numbers as an uninterrupted run.
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, collate_fn=collate_fn, drop_last=True,
-                      num_workers=config.dataloader_num_workers, generator=torch.Generator().manual_seed(config.seed))
+    return accelerator.prepare(DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True,
+        num_workers=config.dataloader_num_workers, generator=torch.Generator().manual_seed(config.seed)))
 
 
 def align_covariate_labels(dataset: datasets.Dataset, labels: Mapping[str, Sequence[str]]) -> datasets.Dataset:
@@ -180,19 +234,22 @@ class LatentCollator:
 
 
 def encode_latent_cache(
-    vae, dataset: datasets.Dataset, info: CorpusInfo, output_dir: str | Path, batch_size: int, accelerator: Accelerator
-) -> datasets.Dataset:
-    """Encode every cell once with the frozen `vae` into ``<output_dir>/latent_cache`` and open it memory-mapped.
+    vae, dataset: TrainingData, info: CorpusInfo, output_dir: str | Path, batch_size: int, accelerator: Accelerator,
+    streaming: bool = False,
+) -> TrainingData:
+    """Encode every cell once with the frozen `vae` into ``<output_dir>/latent_cache`` and open it memory-mapped
+    (with `streaming`, as an ``IterableDataset``).
 
     Rows keep ``cell_id``, ``library_size`` and the covariate columns and add ``latents [T, D]`` (float32). The main
-    process writes each encoded batch straight into Arrow shards (``data-XXXXX-of-YYYYY.arrow``, as a corpus), so
-    neither encoding nor training holds the latents of all cells in memory; the folder is written atomically and
-    reused while the VAE weights and the cells are unchanged.
+    process reads `dataset` (a ``Dataset`` or an ``IterableDataset``) in order and writes each encoded batch straight
+    into Arrow shards (``data-XXXXX-of-YYYYY.arrow``, as a corpus), so neither encoding nor training holds the latents
+    of all cells in memory; the folder is written atomically and reused while the VAE weights and the cells are
+    unchanged.
     """
     cache_dir = Path(output_dir) / LATENT_CACHE_DIR
     key = {
         "vae_weights": _state_dict_digest(vae),
-        "cells": hashlib.sha256("\n".join(dataset["cell_id"]).encode()).hexdigest(),
+        "cells": _cell_ids_digest(dataset),
         "covariates": {name: dataset.features[name].names for name in info.covariates},
     }
     with accelerator.main_process_first():
@@ -206,10 +263,18 @@ def encode_latent_cache(
             (staging / LATENT_CACHE_KEY_FILE).write_text(json.dumps(key))
             shutil.rmtree(cache_dir, ignore_errors=True)
             staging.rename(cache_dir)
-    return open_arrow_shards(sorted(cache_dir.glob(SHARD_GLOB)))
+    return open_arrow_shards(sorted(cache_dir.glob(SHARD_GLOB)), streaming)
 
 
-def _latent_record_batches(vae, dataset: datasets.Dataset, info: CorpusInfo, batch_size: int,
+def _cell_ids_digest(dataset: TrainingData) -> str:
+    """SHA-256 of the newline-joined ``cell_id`` column, read batch by batch."""
+    digest = hashlib.sha256()
+    for index, batch in enumerate(dataset.select_columns(["cell_id"]).iter(batch_size=SCAN_BATCH_SIZE)):
+        digest.update(("\n" if index else "").encode() + "\n".join(batch["cell_id"]).encode())
+    return digest.hexdigest()
+
+
+def _latent_record_batches(vae, dataset: TrainingData, info: CorpusInfo, batch_size: int,
                            ) -> tuple[datasets.Features, Iterator[pa.RecordBatch]]:
     """Features of a latent-cache row and its Arrow record batches, one per encoded batch of `batch_size` cells."""
     kept_columns = ["cell_id", "library_size", *info.covariates]

@@ -10,7 +10,6 @@ import json
 from collections.abc import Callable, Mapping
 
 import anndata as ad
-import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -34,9 +33,12 @@ from .checkpointing import TrainingProgress
 from .config import DiTTrainingConfig
 from .data import (
     LatentCollator,
+    TrainingData,
     build_dataloader,
     corpus_to_anndata,
+    count_rows,
     encode_latent_cache,
+    first_rows,
     prepare_corpus,
     split_train_validation,
 )
@@ -116,7 +118,7 @@ def fit_latent_dit(
     accelerator: Accelerator,
     config: DiTTrainingConfig,
     pipeline: SCLDMPipeline,
-    dataset: datasets.Dataset,
+    dataset: TrainingData,
     info: CorpusInfo,
     covariates: list[str],
     *,
@@ -145,28 +147,33 @@ def fit_latent_dit(
         metrics = pipeline_card_metrics(pipeline, dataset, info, validation, covariates, config, card_metrics)
         accelerator.log({f"final/{name}": value for name, value in metrics.items()}, step=progress.global_step)
         descriptions = card_metrics.descriptions(list(metrics)) if card_metrics else {}
-        publish_pipeline(config, pipeline, info, len(train), len(validation or []), metrics, descriptions, base_model)
+        num_validation = count_rows(validation)
+        publish_pipeline(config, pipeline, info, info.num_cells - num_validation, num_validation, metrics,
+                         descriptions, base_model)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return pipeline
 
 
-def encode_latents(accelerator: Accelerator, config: DiTTrainingConfig, vae: SCVAEModel, dataset: datasets.Dataset,
-                   info: CorpusInfo, covariates: list[str]) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """The latent cache of `dataset` (``<output_dir>/latent_cache``), split into (train, validation) like the corpus."""
-    cache = encode_latent_cache(vae, dataset, info, config.output_dir, config.encode_batch_size, accelerator)
-    cache = cache.with_format("numpy", columns=["latents", *covariates])
-    return split_train_validation(cache, config.validation_fraction, config.seed)
+def encode_latents(accelerator: Accelerator, config: DiTTrainingConfig, vae: SCVAEModel, dataset: TrainingData,
+                   info: CorpusInfo, covariates: list[str]) -> tuple[TrainingData, TrainingData | None]:
+    """The latent cache of `dataset` (``<output_dir>/latent_cache``, streamed with ``config.streaming``), split into
+    (train, validation) like the corpus; rows hold the ``latents`` and `covariates` as numpy values."""
+    cache = encode_latent_cache(vae, dataset, info, config.output_dir, config.encode_batch_size, accelerator,
+                                streaming=config.streaming)
+    splits = split_train_validation(cache, config.validation_fraction, config.seed)
+    return tuple(None if rows is None else rows.select_columns(["latents", *covariates]).with_format("numpy")
+                 for rows in splits)
 
 
-def standardize_latents(vae: SCVAEModel, train: datasets.Dataset) -> None:
-    """Write per-coordinate latent means and stds of (at most `MAX_STATISTICS_CELLS`) training cells into the VAE."""
-    statistics_cells = train.select(range(min(len(train), MAX_STATISTICS_CELLS)))
+def standardize_latents(vae: SCVAEModel, train: TrainingData) -> None:
+    """Write per-coordinate latent means and stds of (the first `MAX_STATISTICS_CELLS`) training cells into the VAE."""
+    statistics_cells = first_rows(train, MAX_STATISTICS_CELLS).with_format("numpy")
     vae.set_latent_statistics(torch.from_numpy(statistics_cells[:]["latents"]))
 
 
 def train_transformer(accelerator: Accelerator, config: DiTTrainingConfig, transformer: LatentDiTTransformer,
-                      train: datasets.Dataset, validation: datasets.Dataset | None, info: CorpusInfo,
+                      train: TrainingData, validation: TrainingData | None, info: CorpusInfo,
                       covariates: list[str], normalize: Callable[[torch.Tensor], torch.Tensor],
                       frozen_label_rows: Mapping[str, list[int]] | None) -> TrainingProgress:
     """Flow-matching training of `transformer` in place on latent rows `train` of the corpus `info` (recorded in
@@ -179,10 +186,10 @@ def train_transformer(accelerator: Accelerator, config: DiTTrainingConfig, trans
                        model_config=transformer.config)
     objective = FlowMatchingObjective(transformer, config.condition_dropout, config.condition_dropout_mode,
                                       config.coupling)
-    dataloader = build_dataloader(train, config, LatentCollator(covariates, normalize=normalize))
+    dataloader = build_dataloader(train, config, LatentCollator(covariates, normalize=normalize), accelerator)
     optimizer = build_optimizer(objective, config, frozen_from_decay=frozen_weights)
     lr_scheduler = build_lr_scheduler(optimizer, config, accelerator.num_processes)
-    objective, optimizer, dataloader, lr_scheduler = accelerator.prepare(objective, optimizer, dataloader, lr_scheduler)
+    objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
     set_seed(config.seed, device_specific=True)
@@ -220,8 +227,8 @@ def freeze_rows(weight: nn.Parameter, rows: list[int]) -> nn.Parameter:
     return weight
 
 
-def pipeline_card_metrics(pipeline: SCLDMPipeline, dataset: datasets.Dataset, info: CorpusInfo,
-                          validation: datasets.Dataset | None, covariates: list[str], config: DiTTrainingConfig,
+def pipeline_card_metrics(pipeline: SCLDMPipeline, dataset: TrainingData, info: CorpusInfo,
+                          validation: TrainingData | None, covariates: list[str], config: DiTTrainingConfig,
                           card_metrics: CardMetrics | None) -> dict[str, float]:
     """The card's metrics: held-out flow-matching loss, plus `card_metrics.generation` when ``num_eval_cells`` > 0
     (reference = training cells, held out = validation cells; the corpus splits like its latent cache)."""
@@ -237,8 +244,8 @@ def pipeline_card_metrics(pipeline: SCLDMPipeline, dataset: datasets.Dataset, in
                        main_process_only=True)
         return metrics
     train_cells, validation_cells = split_train_validation(dataset, config.validation_fraction, config.seed)
-    held_out = validation_cells.shuffle(seed=config.seed).select(range(min(config.num_eval_cells, len(validation_cells))))
-    reference = train_cells.select(range(min(len(train_cells), MAX_REFERENCE_CELLS)))
+    held_out = first_rows(validation_cells.shuffle(seed=config.seed), config.num_eval_cells)
+    reference = first_rows(train_cells, MAX_REFERENCE_CELLS)
     try:
         return metrics | card_metrics.generation(
             pipeline, corpus_to_anndata(reference, info, covariates), corpus_to_anndata(held_out, info, covariates),
@@ -249,16 +256,16 @@ def pipeline_card_metrics(pipeline: SCLDMPipeline, dataset: datasets.Dataset, in
 
 
 @torch.no_grad()
-def validation_flow_matching_loss(transformer: LatentDiTTransformer, validation: datasets.Dataset,
+def validation_flow_matching_loss(transformer: LatentDiTTransformer, validation: TrainingData,
                                   covariates: list[str], batch_size: int, seed: int,
                                   normalize: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """Flow-matching loss on held-out latents with fixed noise and no label dropout (comparable across runs)."""
     transformer.eval()
     generator = torch.Generator().manual_seed(seed)
-    total = 0.0
+    total, num_cells = 0.0, 0
     for batch in DataLoader(validation, batch_size=batch_size, collate_fn=LatentCollator(covariates, normalize)):
         latents = batch["latents"].to(transformer.device)
         labels = {name: ids.to(transformer.device) for name, ids in batch["covariates"].items()}
         loss = flow_matching_loss(transformer, latents, labels, condition_dropout=0.0, generator=generator)
-        total += loss.item() * len(latents)
-    return total / len(validation)
+        total, num_cells = total + loss.item() * len(latents), num_cells + len(latents)
+    return total / num_cells

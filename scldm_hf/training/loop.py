@@ -20,7 +20,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from scldm_hf.data import CorpusInfo
-from scldm_hf.errors import CheckpointError, ConfigurationError
+from scldm_hf.errors import CheckpointError, ConfigurationError, InputDataError
 
 from .checkpointing import (
     TrainingProgress,
@@ -184,6 +184,9 @@ def train_loop(
             if progress.global_step >= config.max_train_steps or (early_stopping and early_stopping.should_stop):
                 break
         else:
+            if not progress.batches_seen_in_epoch:  # else the loop would wait forever for the first step
+                raise InputDataError(f"the training data gave no full batch of batch_size={config.batch_size} cells "
+                                     "per process; lower batch_size or add cells.")
             progress.epoch += 1
             progress.batches_seen_in_epoch = 0
         if early_stopping is not None and early_stopping.should_stop:

@@ -14,7 +14,7 @@ from scldm_hf.models import SCVAEConfig, SCVAEModel
 
 from .card_metrics import CardMetrics
 from .config import VAETrainingConfig
-from .data import build_dataloader, prepare_corpus, split_train_validation
+from .data import build_dataloader, count_rows, first_rows, prepare_corpus, split_train_validation
 from .hub import publish_model_folder
 from .loop import build_accelerator, build_lr_scheduler, build_optimizer, train_loop
 from .model_card import VAE_TEMPLATE, DataProvenance, render_model_card
@@ -36,25 +36,28 @@ def train_vae(config: VAETrainingConfig, card_metrics: CardMetrics | None = None
     if model is None:
         model = SCVAEModel(SCVAEConfig(gene_names=info.genes, **dataclasses.asdict(config.model)))
     train, validation = split_train_validation(dataset, config.validation_fraction, config.seed)
+    evaluation_cells = None if validation is None else first_rows(validation, MAX_EVALUATION_CELLS)
 
     collator = CellCollator.from_corpus_info(info, covariates=[], max_genes=config.max_genes, seed=config.seed)
-    dataloader = build_dataloader(train, config, collator)
+    dataloader = build_dataloader(train, config, collator, accelerator)
     optimizer = build_optimizer(model, config)
     lr_scheduler = build_lr_scheduler(optimizer, config, accelerator.num_processes)
-    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     set_seed(config.seed, device_specific=True)
     progress = train_loop(
         accelerator, config, model, optimizer, lr_scheduler, dataloader, vae_losses, corpus=info,
         model_config=accelerator.unwrap_model(model).config.to_dict(), generators=[collator.generator],
-        validation_loss=lambda vae: evaluate_vae(vae, validation, info, config.batch_size)["validation_loss"],
+        validation_loss=lambda vae: evaluate_vae(vae, evaluation_cells, info, config.batch_size)["validation_loss"],
     )
 
     vae = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         vae.save_pretrained(config.output_dir)
-        metrics = evaluate_vae(vae, validation, info, config.batch_size, card_metrics) if validation is not None else {}
+        metrics = {} if validation is None else evaluate_vae(vae, evaluation_cells, info, config.batch_size,
+                                                             card_metrics)
         accelerator.log({f"final/{name}": value for name, value in metrics.items()}, step=progress.global_step)
-        provenance = DataProvenance.from_corpus(info, len(train), len(validation or []))
+        num_validation = count_rows(validation)
+        provenance = DataProvenance.from_corpus(info, info.num_cells - num_validation, num_validation)
         publish_model_folder(config, render_model_card(
             VAE_TEMPLATE, config, provenance, metrics, library_name="transformers", base_model=config.init_from,
             num_latent_tokens=vae.config.num_latent_tokens, latent_dim=vae.config.latent_dim,
@@ -77,9 +80,10 @@ def vae_losses(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def evaluate_vae(vae: SCVAEModel, validation, info: CorpusInfo, batch_size: int,
                  card_metrics: CardMetrics | None = None) -> dict[str, float]:
-    """Validation loss of held-out cells, plus `card_metrics.reconstruction` of them when given."""
+    """Validation loss of (the first `MAX_EVALUATION_CELLS`) held-out cells, plus `card_metrics.reconstruction` of
+    them when given."""
     vae.eval()
-    cells = validation.select(range(min(len(validation), MAX_EVALUATION_CELLS)))
+    cells = first_rows(validation, MAX_EVALUATION_CELLS)
     loader = DataLoader(cells, batch_size=batch_size, collate_fn=CellCollator.from_corpus_info(info, covariates=[]))
     losses, counts, means, inverse_dispersions = [], [], [], []
     for batch in loader:
