@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator, debug_launcher
+from accelerate.state import AcceleratorState
 
 from scldm_hf.data import anndata_to_corpus, load_corpus
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
@@ -34,6 +35,7 @@ def corpus(tmp_path_factory, pbmc_counts):
 
 def record_streamed_cells(corpus: str, output_dir: str) -> None:
     """One rank: the cell ids of its loader in epochs 0, 0 again and 1, written to ``cells_rank<i>.json``."""
+    AcceleratorState._reset_state(reset_partial_state=True)  # the forked rank must not inherit the parent's state
     accelerator = Accelerator(cpu=True)
     config = load_config(VAETrainingConfig, TINY, {"output_dir": output_dir, "data": corpus, "streaming": True,
                                                    "shuffle_buffer_size": 20}, section="vae")
