@@ -7,6 +7,7 @@ dense and backed (on-disk) matrices without densifying the whole matrix.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from numbers import Real
 
@@ -183,6 +184,26 @@ def check_num_cells(num_cells) -> None:
     """Raise ``ConfigurationError`` unless ``num_cells`` is a positive integer."""
     if isinstance(num_cells, bool) or not isinstance(num_cells, (int, np.integer)) or num_cells <= 0:
         raise ConfigurationError(f"num_cells={num_cells!r} must be a positive integer (how many cells to generate).")
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The whole memory of `device`: GPU memory for CUDA, physical RAM otherwise (None where the OS does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if "SC_PHYS_PAGES" in getattr(os, "sysconf_names", {}):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def check_fits_in_memory(num_bytes: int, device: torch.device, what: str, fix: str) -> None:
+    """Raise ``ConfigurationError`` when `num_bytes` (of `what`) exceed the whole memory of `device`, an allocation
+    that can only fail."""
+    total = device_memory_bytes(device)
+    if total is not None and num_bytes > total:
+        raise ConfigurationError(
+            f"{what} needs {num_bytes / 2**30:.1f} GiB at once, more than the {total / 2**30:.1f} GiB of memory of "
+            f"{device}; {fix}"
+        )
 
 
 def check_conditions(conditions, num_cells: int | None = None) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from scldm_hf.models import SCVAEConfig, SCVAEModel
 from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 from scldm_hf.pipelines import SCLDMPipeline
-from scldm_hf.validation import check_classifier_labels, check_count_range
+from scldm_hf.validation import check_classifier_labels, check_count_range, device_memory_bytes
 
 NUM_CELLS = 60
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle"}
@@ -246,6 +246,15 @@ def tiny_pipeline(pbmc_counts) -> SCLDMPipeline:
 def test_bad_generation_inputs_raise_before_sampling(tiny_pipeline, kwargs, error, message):
     with pytest.raises(error, match=message):
         tiny_pipeline(**kwargs)
+
+
+def test_generation_too_large_for_memory_names_the_streaming_path(tiny_pipeline):
+    """`__call__` draws every cell's noise at once: more cells than memory holds are refused before allocating."""
+    bytes_per_cell = 4 * 8 * torch.float32.itemsize  # [T=4, D=8] float32 noise
+    num_cells = device_memory_bytes(torch.device("cpu")) // bytes_per_cell + 1
+    with pytest.raises(ConfigurationError, match=rf"initial noise of {num_cells} cells needs .* GiB at once.*generate_to_file"):
+        tiny_pipeline(num_cells=num_cells)
+    assert next(tiny_pipeline.generate_batches(num_cells=num_cells, num_inference_steps=1, batch_size=2)).counts.shape == (2, 765)
 
 
 def test_valid_generation_gives_integer_counts_over_the_vocabulary(tiny_pipeline):

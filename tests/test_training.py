@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedConfig
 
 from scldm_hf.data import anndata_to_corpus
-from scldm_hf.errors import CheckpointError, ConfigurationError
+from scldm_hf.errors import CheckpointError, ConfigurationError, InputDataError, SCLDMError
 from scldm_hf.models import SCVAEConfig
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 from scldm_hf.training import (
@@ -158,6 +158,22 @@ def test_report_to_passes_accelerate_trackers_through(tmp_path):
     if "wandb" not in {str(tracker) for tracker in get_available_trackers()}:
         with pytest.raises(ConfigurationError, match=r"report_to \['wandb'\]: the tracker package is not installed"):
             build_accelerator(tiny_config(VAETrainingConfig, "vae", output_dir=str(tmp_path), report_to="wandb"))
+
+
+@pytest.mark.parametrize("data", ["missing.h5ad", "garbage.h5ad"])
+def test_run_failing_on_its_data_leaves_no_output_folder(tmp_path, data):
+    """The folders a run created are removed when it fails before training; a folder that existed is kept."""
+    (tmp_path / "garbage.h5ad").write_text("not an AnnData")
+    new_dir = tmp_path / "runs" / "vae"
+    with pytest.raises(InputDataError if data == "garbage.h5ad" else ConfigurationError, match="h5ad"):
+        train_vae(tiny_config(VAETrainingConfig, "vae", data=str(tmp_path / data), output_dir=str(new_dir)))
+    assert not (tmp_path / "runs").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("kept")
+    with pytest.raises(SCLDMError):
+        train_vae(tiny_config(VAETrainingConfig, "vae", data=str(tmp_path / data), output_dir=str(existing)))
+    assert [path.name for path in existing.iterdir()] == ["notes.txt"]
 
 
 def test_missing_required_option_is_named():

@@ -7,6 +7,7 @@ log-normal model, and draws negative binomial counts.
 
 import importlib.metadata
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -29,7 +30,7 @@ from ..hub_code import write_class_code
 from ..models.conditioning import CellConditioner
 from ..models.modeling_scvae import SCVAEModel
 from ..models.transformer_latent_dit import LatentDiTTransformer
-from ..validation import check_conditions, check_guidance_scale, check_num_cells
+from ..validation import check_conditions, check_fits_in_memory, check_guidance_scale, check_num_cells
 
 from .scheduling_flow_match_ode import FlowMatchODESolverScheduler
 
@@ -189,11 +190,18 @@ class SCLDMPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Initial noise `[num_cells, T, D]`: `latents` as given (shape-checked), or drawn with `generator`."""
+        """Initial noise `[num_cells, T, D]`: `latents` as given (shape-checked), or drawn with `generator` (refused
+        when it cannot fit in the device's memory)."""
         config = self.transformer.config
         shape = (num_cells, config.num_latent_tokens, config.latent_dim)
         device = self._execution_device
         if latents is None:
+            check_fits_in_memory(
+                math.prod(shape) * self.transformer.dtype.itemsize, device, f"the initial noise of {num_cells} cells",
+                "`pipe(...)` holds every cell in memory: stream them to a file with "
+                "`scldm_hf.pipelines.streaming.generate_to_file(pipe, 'cells.h5ad', ...)` (or `scldm generate`), or "
+                "iterate `pipe.generate_batches(...)`, which draw the noise one batch at a time.",
+            )
             return randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
         if tuple(latents.shape) != shape:
             raise ConfigurationError(

@@ -43,7 +43,7 @@ from .data import (
     split_train_validation,
 )
 from .hub import publish_model_folder
-from .loop import build_accelerator, build_lr_scheduler, build_optimizer, train_loop
+from .loop import build_accelerator, build_lr_scheduler, build_optimizer, removed_if_setup_fails, train_loop
 from .model_card import PIPELINE_TEMPLATE, DataProvenance, render_model_card
 
 logger = get_logger(__name__)
@@ -85,11 +85,12 @@ def train_dit(config: DiTTrainingConfig, card_metrics: CardMetrics | None = None
     """
     if not config.vae_name_or_path:
         raise ConfigurationError("train_dit needs vae_name_or_path: the stage-1 output folder (train_vae.py).")
-    accelerator = build_accelerator(config)
-    set_seed(config.seed)
-    vae = load_vae(config.vae_name_or_path)
-    dataset, info = prepare_corpus(config, accelerator, vocab=vae.gene_vocab, adata=adata)
-    covariates = conditioned_covariates(config, list(info.covariates))
+    with removed_if_setup_fails(config.output_dir):
+        accelerator = build_accelerator(config)
+        set_seed(config.seed)
+        vae = load_vae(config.vae_name_or_path)
+        dataset, info = prepare_corpus(config, accelerator, vocab=vae.gene_vocab, adata=adata)
+        covariates = conditioned_covariates(config, list(info.covariates))
     transformer = LatentDiTTransformer(
         num_latent_tokens=vae.config.num_latent_tokens,
         latent_dim=vae.config.latent_dim,

@@ -23,7 +23,7 @@ from .card_metrics import CardMetrics
 from .config import FinetuneConfig, TrainingConfig, VAETrainingConfig
 from .data import align_covariate_labels, prepare_corpus, split_train_validation
 from .dit import conditioned_covariates, fit_latent_dit
-from .loop import build_accelerator
+from .loop import build_accelerator, removed_if_setup_fails
 from .vae import train_vae
 
 logger = get_logger(__name__)
@@ -39,13 +39,14 @@ def finetune(config: FinetuneConfig, card_metrics: CardMetrics | None = None,
     """
     pretrained_dir = resolve_model_path(config.pipeline_name_or_path, config.local_files_only)
     vae = train_vae(vae_finetune_config(config, pretrained_dir), card_metrics, adata) if not config.freeze_vae else None
-    accelerator = build_accelerator(config)
-    set_seed(config.seed)
-    pipeline = load_pipeline(pretrained_dir)
-    if vae is not None:
-        pipeline.register_modules(vae=vae)
-    dataset, info = prepare_corpus(config, accelerator, vocab=pipeline.vae.gene_vocab, adata=adata)
-    covariates = conditioned_covariates(config, list(info.covariates))
+    with removed_if_setup_fails(config.output_dir):
+        accelerator = build_accelerator(config)
+        set_seed(config.seed)
+        pipeline = load_pipeline(pretrained_dir)
+        if vae is not None:
+            pipeline.register_modules(vae=vae)
+        dataset, info = prepare_corpus(config, accelerator, vocab=pipeline.vae.gene_vocab, adata=adata)
+        covariates = conditioned_covariates(config, list(info.covariates))
 
     old_num_labels = dict(pipeline.transformer.config.covariate_num_labels)
     add_new_labels(pipeline, {name: info.covariates[name] for name in covariates})

@@ -8,11 +8,13 @@ and restores the best weights. Resuming restores the step, optimizer, scheduler,
 """
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from diffusers.optimization import get_scheduler
@@ -58,6 +60,23 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return accelerator
+
+
+@contextmanager
+def removed_if_setup_fails(output_dir: str | Path) -> Iterator[None]:
+    """Remove the folders the block creates for `output_dir` when it raises; folders that existed before are kept.
+
+    Wraps a run's set-up (accelerator, model, reading the data), so a run that fails there, e.g. on unreadable data,
+    leaves no empty output folder behind; training itself runs outside it, so its checkpoints survive a crash.
+    """
+    path = Path(output_dir).absolute()
+    created = next((folder for folder in [*reversed(path.parents), path] if not folder.exists()), None)
+    try:
+        yield
+    except BaseException:
+        if created is not None and PartialState().is_main_process:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def check_distributed_launch(accelerator: Accelerator) -> None:

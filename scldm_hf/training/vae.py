@@ -16,7 +16,7 @@ from .card_metrics import CardMetrics
 from .config import VAETrainingConfig
 from .data import build_dataloader, count_rows, first_rows, prepare_corpus, split_train_validation
 from .hub import publish_model_folder
-from .loop import build_accelerator, build_lr_scheduler, build_optimizer, train_loop
+from .loop import build_accelerator, build_lr_scheduler, build_optimizer, removed_if_setup_fails, train_loop
 from .model_card import VAE_TEMPLATE, DataProvenance, render_model_card
 
 MAX_EVALUATION_CELLS = 2000
@@ -29,10 +29,11 @@ def train_vae(config: VAETrainingConfig, card_metrics: CardMetrics | None = None
     `card_metrics` adds reconstruction metrics of the held-out cells to the card (default: validation loss only).
     `adata`: train on these in-memory cells instead of ``config.data`` (see `prepare_corpus`).
     """
-    accelerator = build_accelerator(config)
-    set_seed(config.seed)
-    model = load_vae(config.init_from) if config.init_from else None
-    dataset, info = prepare_corpus(config, accelerator, vocab=model.gene_vocab if model else None, adata=adata)
+    with removed_if_setup_fails(config.output_dir):
+        accelerator = build_accelerator(config)
+        set_seed(config.seed)
+        model = load_vae(config.init_from) if config.init_from else None
+        dataset, info = prepare_corpus(config, accelerator, vocab=model.gene_vocab if model else None, adata=adata)
     if model is None:
         model = SCVAEModel(SCVAEConfig(gene_names=info.genes, **dataclasses.asdict(config.model)))
     train, validation = split_train_validation(dataset, config.validation_fraction, config.seed)
