@@ -1,17 +1,26 @@
-"""bfloat16 models on CPU: loading with `torch_dtype`, `.to(dtype)`, training and encoding a collator batch, and both
-pipelines generating counts (the negative binomial draw runs in float32 inside)."""
+"""bfloat16 models on CPU: loading with `torch_dtype`, `.to(dtype)`, training and encoding a collator batch, both
+pipelines generating counts (the negative binomial draw runs in float32 inside), and bf16 autocast training
+(`mixed_precision: bf16`) with float32 weights and likelihood."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from accelerate.state import AcceleratorState
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from scldm_hf.data import CellCollator
 from scldm_hf.models import SCVAEConfig, SCVAEModel
+from scldm_hf.models.modeling_scvae import negative_binomial_log_prob
 from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 from scldm_hf.pipelines import SCLDMCounterfactualPipeline, SCLDMPipeline
+from scldm_hf.training import VAETrainingConfig, load_config
+from scldm_hf.training.loop import build_accelerator
+
+TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -80,3 +89,41 @@ def test_pipelines_generate_and_edit_in_bf16(pipeline, tiny_adata):
                     generator=torch.Generator().manual_seed(0)).cells
     assert edited.shape == (tiny_adata.n_obs, len(pipeline.vae.config.gene_names))
     assert (edited.obs["condition"] == "stim").all()
+
+
+@pytest.fixture
+def bf16_accelerator(tmp_path):
+    """`build_accelerator` of a CPU recipe with ``mixed_precision: bf16`` (Accelerate's per-process state is reset
+    before and after, so the other tests keep training in float32)."""
+    AcceleratorState._reset_state()
+    config = load_config(VAETrainingConfig, TINY, {"output_dir": str(tmp_path), "mixed_precision": "bf16",
+                                                   "report_to": "none"}, section="vae")
+    yield build_accelerator(config)
+    AcceleratorState._reset_state()
+
+
+def test_bf16_autocast_training_keeps_float32_weights_and_likelihood(batch, bf16_accelerator):
+    cells, info = batch
+    torch.manual_seed(0)
+    vae = SCVAEModel(SCVAEConfig(gene_names=info.genes, hidden_size=16, num_latent_tokens=4, latent_dim=4,
+                                 encoder_layers=1, decoder_layers=1, num_attention_heads=2, kl_weight=1e-3))
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    model, optimizer = bf16_accelerator.prepare(vae, optimizer)
+    readout_dtypes = []
+    vae.decoder.output_head.register_forward_hook(lambda module, inputs, output: readout_dtypes.append(output.dtype))
+    assert bf16_accelerator.mixed_precision == "bf16" and bf16_accelerator.device.type == "cpu"
+    losses = []
+    for _ in range(3):
+        output = model(**cells)
+        bf16_accelerator.backward(output.loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(output.loss.item())
+    assert readout_dtypes[0] == torch.bfloat16  # the matmuls ran under bf16 autocast
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in vae.parameters())  # float32 master weights
+    assert output.reconstruction_loss.dtype == output.kl_loss.dtype == torch.float32
+    # the likelihood inside autocast is the float32 one of the decoded parameters, not a bf16 approximation
+    expected = -negative_binomial_log_prob(cells["panel_counts"], output.mean.detach(),
+                                           output.inverse_dispersion.detach()).sum(dim=-1).mean()
+    torch.testing.assert_close(output.reconstruction_loss.detach(), expected, rtol=1e-6, atol=0)

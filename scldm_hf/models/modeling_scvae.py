@@ -439,7 +439,8 @@ class SCVAEModel(PreTrainedModel):
         reconstruction_loss = self.reconstruction_nll(decoded, panel_counts, library_size).mean()
         loss, kl_loss = reconstruction_loss, None
         if encoded.posterior_logvar is not None:
-            mean, logvar = encoded.posterior_mean, encoded.posterior_logvar
+            # in float32 like the likelihood: under bf16 autocast the posterior comes out of a bf16 matmul
+            mean, logvar = encoded.posterior_mean.float(), encoded.posterior_logvar.float()
             kl_loss = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2)).mean()
             loss = loss + self.config.kl_weight * kl_loss
         return SCVAEOutput(
