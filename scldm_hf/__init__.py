@@ -6,8 +6,9 @@ flow-matching Diffusion Transformer on its latents, shipped as ``SCLDMPipeline``
 """
 
 from scldm_hf.lazy_exports import lazy_getattr
+from scldm_hf.version import package_version
 
-__version__ = "0.1.0"
+__version__ = package_version()
 
 _EXPORTS = {
     "SCLDMError": "scldm_hf.errors",

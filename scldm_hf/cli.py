@@ -157,6 +157,7 @@ def _evaluate(args) -> str:
         reference=_read_h5ad(args.reference, "reference") if args.reference else None,
         real_floor=_read_h5ad(args.real_floor, "real floor") if args.real_floor else None,
         allow_biased_reference=args.allow_biased_reference, min_cells=args.min_cells, seed=args.seed,
+        layer=args.layer,
     )
     table.to_csv(out)
     print(format_evaluation(table))
@@ -285,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "into one 'other (k labels)' group")
     evaluate.add_argument("--allow-biased-reference", action="store_true",
                           help="fit the PCA on the real cells when no --reference is given (scores flagged BIASED)")
+    evaluate.add_argument("--layer", default=None, help="layer of the real, reference and real-floor files holding "
+                          "raw counts (None: X; generated cells' counts are read from X, where scldm generate puts them)")
     evaluate.add_argument("--seed", type=int, default=0, help="seeds the subsampling, floor split and classifiers")
     evaluate.add_argument("--out", default="metrics.csv", help="CSV of the metrics table")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out")

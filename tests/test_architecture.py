@@ -13,6 +13,7 @@ LAYERS = {
     "scldm_hf.lazy_exports": 0,
     "scldm_hf.hub_code": 0,  # flattens module sources for saved folders; imports nothing of the package
     "scldm_hf.resources": 0,
+    "scldm_hf.version": 0,  # the installed version (standard library only; ships with pipeline code)
     "scldm_hf.validation": 1,
     "scldm_hf.data": 2,
     "scldm_hf.models": 3,

@@ -216,6 +216,21 @@ def test_evaluate_floor_is_null_and_a_shuffled_sample_scores_worse(pbmc_thirds, 
     assert shuffled["cell_type_f1_generated"] < shuffled["cell_type_f1_generated_real_floor"]
 
 
+def test_evaluate_reads_counts_from_a_layer(pbmc_thirds, tmp_path, capsys):
+    layered = {}
+    for name in ("real", "reference"):  # the usual object: log-normalised X, counts in a layer
+        adata = ad.read_h5ad(pbmc_thirds[name])
+        adata.layers["counts"] = adata.X.copy()
+        adata.X = sp.csr_matrix(np.log1p(adata.X.toarray() / adata.X.sum(axis=1).A * 1e4))
+        layered[name] = tmp_path / f"{name}.h5ad"
+        adata.write_h5ad(layered[name])
+    argv = ["evaluate", layered["real"], pbmc_thirds["other"], "--condition-key", "cell_type", "--reference",
+            layered["reference"], "--min-cells", 30, "--out", tmp_path / "metrics.csv"]
+    assert "non-integer" in run_error(argv, capsys)
+    run_ok([*argv, "--layer", "counts"], capsys)
+    assert abs(pd.read_csv(tmp_path / "metrics.csv", index_col=0).loc["mean", "mmd_rbf"]) < 0.03
+
+
 def test_evaluate_without_reference_is_refused_or_flagged(pbmc_thirds, tmp_path, capsys):
     argv = ["evaluate", pbmc_thirds["real"], pbmc_thirds["other"], "--condition-key", "cell_type", "--out",
             tmp_path / "biased.csv"]

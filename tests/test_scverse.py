@@ -10,6 +10,7 @@ import pytest
 import scanpy as sc
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 import scldm_hf
 from scldm_hf.data import anndata_to_dataset, encode_dataset, load_corpus
@@ -154,6 +155,45 @@ def test_callback_on_step_end_sees_and_replaces_latents(pipe):
     adaptive = SCLDMPipeline(**{**pipe.components, "scheduler": FlowMatchODESolverScheduler()})
     with pytest.raises(ConfigurationError, match="needs a stepping scheduler"):
         adaptive(num_cells=1, callback_on_step_end=callback)
+
+
+class ZeroLatentsAtCutoff(PipelineCallback):
+    """A diffusers callback object: zero the latents at step `int(num_timesteps * cutoff_step_ratio)`."""
+
+    tensor_inputs = ["latents"]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
+            callback_kwargs["latents"] = torch.zeros_like(callback_kwargs["latents"])
+        return callback_kwargs
+
+
+class RecordSteps(PipelineCallback):
+    tensor_inputs = ["latents"]
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        self.steps.append(step_index)
+        return callback_kwargs
+
+
+def test_diffusers_callback_objects_are_accepted(pipe):
+    recorder = RecordSteps()
+    callbacks = MultiPipelineCallbacks([recorder, ZeroLatentsAtCutoff(cutoff_step_ratio=0.75)])
+    # a callback object's own tensor_inputs are used, as in diffusers' pipelines (the list given here is ignored)
+    latents = pipe(num_cells=2, num_inference_steps=4, output_type="latent", callback_on_step_end=callbacks,
+                   callback_on_step_end_tensor_inputs=["noise"]).cells
+    assert recorder.steps == [0, 1, 2, 3]
+    torch.testing.assert_close(latents, pipe.vae.denormalize_latents(torch.zeros(2, 4, 8)))
+
+    class AsksForNoise(RecordSteps):
+        tensor_inputs = ["noise"]
+
+    with pytest.raises(ConfigurationError, match=r"callback_on_step_end_tensor_inputs \['noise'\]"):
+        pipe(num_cells=1, callback_on_step_end=AsksForNoise())
 
 
 def test_vae_trains_on_an_in_memory_anndata_layer(layered, tmp_path):

@@ -1,9 +1,12 @@
 """Transformer building blocks shared by the scLDM VAE and the latent DiT.
 
-Every block is pre-LayerNorm with residual connections. Attention over few keys (`FEW_KEYS`) is a plain
-matmul-softmax-matmul, over more keys `torch.nn.functional.scaled_dot_product_attention`. The VAE's blocks are
-transformers `GradientCheckpointingLayer`s, so `SCVAEModel.gradient_checkpointing_enable()` recomputes them in the
-backward pass.
+Every block is pre-LayerNorm with residual connections. The VAE's attention goes through transformers' attention
+interface: `config._attn_implementation` (`attn_implementation="eager"` or `"sdpa"` at `from_pretrained` /
+`from_config`, or `model.set_attn_implementation(...)`) picks the function from `ATTENTION_FUNCTIONS`. Its `"sdpa"`
+is transformers' `sdpa_attention_forward`, except over few keys (`FEW_KEYS`), where it is the eager
+matmul-softmax-matmul (same numbers, faster on CPU; the decoder read-out has one key per latent token).
+The VAE's blocks are transformers `GradientCheckpointingLayer`s, so `SCVAEModel.gradient_checkpointing_enable()`
+recomputes them in the backward pass.
 A `key_padding_mask` is a BoolTensor `[B, K]` where True marks a real token and False a padding token; padding keys get
 exactly zero attention weight, so they have no influence on the output.
 """
@@ -11,11 +14,14 @@ exactly zero attention weight, so they have no influence on the output.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from ..errors import ConfigurationError
 
-# Up to this many keys, attention is computed as matmul-softmax-matmul (see `Attention.attend`).
+# Up to this many keys, the "sdpa" attention is the eager matmul-softmax-matmul (see `few_keys_sdpa_attention_forward`).
 FEW_KEYS = 32
 
 
@@ -38,18 +44,56 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
-class Attention(nn.Module):
-    """Multi-head attention of queries `[B, Q, H]` over a context `[B, K, H]` (self-attention when no context)."""
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.BoolTensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matmul-softmax-matmul attention with transformers' interface: `query [B, heads, Q, d]`, `key, value
+    [B, heads, K, d]`, `attention_mask [B, 1, 1, K]` (True = attend) -> (`[B, Q, heads, d]`, weights
+    `[B, heads, Q, K]`)."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    weights = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2), weights
 
-    def __init__(self, hidden_size: int, num_heads: int, bias: bool = False):
+
+def few_keys_sdpa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, *args, **kwargs):
+    """transformers' `sdpa_attention_forward`, or `eager_attention_forward` over at most `FEW_KEYS` keys (same
+    numbers; the fused kernel costs more than the attention there, e.g. the decoder read-out's few latent keys)."""
+    attention = eager_attention_forward if key.shape[-2] <= FEW_KEYS else sdpa_attention_forward
+    return attention(module, query, key, *args, **kwargs)
+
+
+# The VAE's attention functions: transformers' (flash, flex, user-registered ones), with "sdpa" overridden locally
+# as `AttentionInterface` provides for.
+ATTENTION_FUNCTIONS = AttentionInterface()
+ATTENTION_FUNCTIONS["sdpa"] = few_keys_sdpa_attention_forward
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries `[B, Q, H]` over a context `[B, K, H]` (self-attention when no context),
+    computed by `config._attn_implementation` (see the module docstring)."""
+
+    def __init__(self, config: PreTrainedConfig, num_heads: int):
         super().__init__()
+        hidden_size, bias = config.hidden_size, config.attention_bias
         if hidden_size % num_heads != 0:
             raise ConfigurationError(
                 f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}; choose a head count that "
                 "divides the hidden size."
             )
+        self.config = config
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
@@ -74,21 +118,15 @@ class Attention(nn.Module):
         value: torch.Tensor,
         key_padding_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
-        """Projected `query [B or 1, heads, Q, d]` or `[heads, Q, d]` over `key, value [B, heads, K, d]` -> `[B, Q, H]`.
-
-        With few keys (`K <= FEW_KEYS`) the attention is a plain matmul-softmax-matmul, which is faster on CPU than
-        the fused kernel there and gives the same numbers; otherwise `scaled_dot_product_attention`.
-        """
-        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        if key.shape[-2] <= FEW_KEYS:
-            scores = torch.matmul(query, key.transpose(-1, -2)) * self.head_dim**-0.5
-            if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            attended = torch.matmul(torch.softmax(scores, dim=-1), value)
-        else:
-            query = query.expand(key.shape[0], *query.shape[-3:])
-            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
-        return self.o_proj(attended.transpose(-3, -2).flatten(-2))
+        """Projected `query [B or 1, heads, Q, d]` or `[heads, Q, d]` over `key, value [B, heads, K, d]` -> `[B, Q, H]`,
+        by the attention function of `config._attn_implementation`."""
+        attention_interface = ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attention_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        query = query.expand(key.shape[0], *query.shape[-3:])
+        attended, _ = attention_interface(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0)
+        return self.o_proj(attended.flatten(-2))
 
     def forward(
         self,
@@ -103,16 +141,18 @@ class Attention(nn.Module):
 
 
 class SelfAttentionBlock(GradientCheckpointingLayer):
-    """Pre-LN transformer block: `x + attn(ln(x))`, then `x + swiglu(ln(x))`. `[B, N, H] -> [B, N, H]`."""
+    """Pre-LN transformer block: `x + attn(ln(x))`, then `x + swiglu(ln(x))`. `[B, N, H] -> [B, N, H]`.
 
-    def __init__(
-        self, hidden_size: int, num_heads: int, intermediate_size: int, layer_norm_eps: float = 1e-6, bias: bool = False
-    ):
+    `config` gives `hidden_size`, `intermediate_size`, `layer_norm_eps`, `attention_bias` and `_attn_implementation`.
+    """
+
+    def __init__(self, config: PreTrainedConfig, num_heads: int):
         super().__init__()
-        self.attention_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.attention = Attention(hidden_size, num_heads, bias=bias)
-        self.mlp_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.mlp = SwiGLU(hidden_size, intermediate_size, bias=bias)
+        hidden_size, eps = config.hidden_size, config.layer_norm_eps
+        self.attention_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.attention = Attention(config, num_heads)
+        self.mlp_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.mlp = SwiGLU(hidden_size, config.intermediate_size, bias=config.attention_bias)
 
     def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.BoolTensor | None = None) -> torch.Tensor:
         hidden_states = hidden_states + self.attention(
@@ -126,24 +166,17 @@ class CrossAttentionBlock(GradientCheckpointingLayer):
 
     `queries [B, Q, H]`, `context [B, K, H]`, `key_padding_mask [B, K]` -> `[B, Q, H]`. With
     `normalize_context=False` the context enters the attention as given, e.g. gene tokens whose scale carries the count
-    (a LayerNorm would erase it).
+    (a LayerNorm would erase it). `config` as for `SelfAttentionBlock`.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        intermediate_size: int,
-        layer_norm_eps: float = 1e-6,
-        bias: bool = False,
-        normalize_context: bool = True,
-    ):
+    def __init__(self, config: PreTrainedConfig, num_heads: int, normalize_context: bool = True):
         super().__init__()
-        self.query_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.context_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if normalize_context else nn.Identity()
-        self.attention = Attention(hidden_size, num_heads, bias=bias)
-        self.mlp_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.mlp = SwiGLU(hidden_size, intermediate_size, bias=bias)
+        hidden_size, eps = config.hidden_size, config.layer_norm_eps
+        self.query_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.context_norm = nn.LayerNorm(hidden_size, eps=eps) if normalize_context else nn.Identity()
+        self.attention = Attention(config, num_heads)
+        self.mlp_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.mlp = SwiGLU(hidden_size, config.intermediate_size, bias=config.attention_bias)
 
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Context `[B, K, H]` -> (keys, values), each `[B, heads, K, H / heads]`."""

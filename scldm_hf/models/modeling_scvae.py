@@ -149,22 +149,13 @@ class SCVAEEncoder(nn.Module):
     def __init__(self, config: SCVAEConfig):
         super().__init__()
         hidden_size = config.hidden_size
-        block_args = {
-            "intermediate_size": config.intermediate_size,
-            "layer_norm_eps": config.layer_norm_eps,
-            "bias": config.attention_bias,
-        }
         self.latent_queries = nn.Parameter(torch.empty(config.num_latent_tokens, hidden_size))
         # gene tokens are `embedding * log1p(count)`: a LayerNorm on them would remove the count
         self.cross_attention = CrossAttentionBlock(
-            hidden_size,
-            config.encoder_cross_attention_heads,
-            normalize_context=config.normalize_encoder_context,
-            **block_args,
+            config, config.encoder_cross_attention_heads, normalize_context=config.normalize_encoder_context
         )
         self.layers = nn.ModuleList(
-            SelfAttentionBlock(hidden_size, config.num_attention_heads, **block_args)
-            for _ in range(config.encoder_layers)
+            SelfAttentionBlock(config, config.num_attention_heads) for _ in range(config.encoder_layers)
         )
         self.gaussian_posterior = config.uses_gaussian_posterior
         projection_size = 2 * config.latent_dim if self.gaussian_posterior else config.latent_dim
@@ -193,18 +184,12 @@ class SCVAEDecoder(nn.Module):
     def __init__(self, config: SCVAEConfig):
         super().__init__()
         hidden_size = config.hidden_size
-        block_args = {
-            "intermediate_size": config.intermediate_size,
-            "layer_norm_eps": config.layer_norm_eps,
-            "bias": config.attention_bias,
-        }
         self.latent_norm = nn.LayerNorm(config.latent_dim, eps=config.layer_norm_eps, elementwise_affine=False)
         self.latent_projection = nn.Linear(config.latent_dim, hidden_size, bias=config.attention_bias)
         self.layers = nn.ModuleList(
-            SelfAttentionBlock(hidden_size, config.num_attention_heads, **block_args)
-            for _ in range(config.decoder_layers)
+            SelfAttentionBlock(config, config.num_attention_heads) for _ in range(config.decoder_layers)
         )
-        self.gene_readout = CrossAttentionBlock(hidden_size, config.decoder_cross_attention_heads, **block_args)
+        self.gene_readout = CrossAttentionBlock(config, config.decoder_cross_attention_heads)
         self.output_norm = (
             nn.LayerNorm(hidden_size, eps=config.layer_norm_eps) if config.normalize_decoder_output else nn.Identity()
         )
@@ -264,6 +249,12 @@ class SCVAEModel(PreTrainedModel):
     main_input_name = "gene_ids"
     _no_split_modules = ["SelfAttentionBlock", "CrossAttentionBlock"]
     supports_gradient_checkpointing = True
+    # attention goes through `layers.ATTENTION_FUNCTIONS` (`attn_implementation="eager" | "sdpa"`, default "sdpa").
+    # Not flash/flex attention: the encoder's cross-attention has padded keys and a different number of queries,
+    # which transformers' flash path unpads only for causal decoding, and flex needs a block mask.
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
 
     def __init__(self, config: SCVAEConfig):
         super().__init__(config)

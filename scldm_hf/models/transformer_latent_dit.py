@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_1d_sincos_pos_embed_from_grid
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
@@ -19,7 +21,7 @@ from torch import nn
 
 from ..errors import ConditionError, ConfigurationError
 
-from .layers import Attention, SwiGLU, swiglu_intermediate_size
+from .layers import SwiGLU, swiglu_intermediate_size
 
 
 @dataclass
@@ -31,6 +33,52 @@ class LatentDiTOutput(BaseOutput):
     """
 
     sample: torch.Tensor
+
+
+class LatentDiTAttnProcessor:
+    """Default processor of [`LatentDiTAttention`]: projections, then diffusers' `dispatch_attention_fn` (the
+    backend of `set_attention_backend`, default torch's `scaled_dot_product_attention`). `[B, T, H] -> [B, T, H]`."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn: "LatentDiTAttention", hidden_states: torch.Tensor) -> torch.Tensor:
+        query, key, value = (
+            projection(hidden_states).unflatten(-1, (attn.heads, attn.head_dim))
+            for projection in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+        attended = dispatch_attention_fn(
+            query, key, value, backend=self._attention_backend, parallel_config=self._parallel_config
+        )
+        return attn.o_proj(attended.flatten(-2).to(query.dtype))
+
+
+class LatentDiTAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head self-attention over the latent tokens, `[B, T, H] -> [B, T, H]`, computed by its processor (diffusers'
+    `set_processor` / the model's `set_attn_processor`). The projections keep the names `q_proj`/`k_proj`/`v_proj`/
+    `o_proj` of saved and converted checkpoints (not diffusers' `to_q`...), so QKV fusion is not offered."""
+
+    _default_processor_cls = LatentDiTAttnProcessor
+    _available_processors = [LatentDiTAttnProcessor]
+    _supports_qkv_fusion = False
+
+    def __init__(self, hidden_size: int, heads: int, bias: bool, processor=None):
+        super().__init__()
+        if hidden_size % heads != 0:
+            raise ConfigurationError(
+                f"hidden_size={hidden_size} is not divisible by num_attention_heads={heads}; choose a head count "
+                "that divides the hidden size."
+            )
+        self.heads = heads
+        self.head_dim = hidden_size // heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.set_processor(processor or self._default_processor_cls())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.processor(self, hidden_states)
 
 
 class DiTBlock(nn.Module):
@@ -51,7 +99,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.attention_norm = AdaLayerNormZero(hidden_size)
         self.attention_norm.norm.eps = layer_norm_eps
-        self.attention = Attention(hidden_size, num_attention_heads, bias=bias)
+        self.attention = LatentDiTAttention(hidden_size, num_attention_heads, bias=bias)
         self.mlp_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=layer_norm_eps)
         self.mlp = SwiGLU(hidden_size, intermediate_size, bias=mlp_bias)
 
@@ -62,8 +110,11 @@ class DiTBlock(nn.Module):
         return hidden_states + gate_mlp[:, None] * self.mlp(normed)
 
 
-class LatentDiTTransformer(ModelMixin, ConfigMixin):
+class LatentDiTTransformer(ModelMixin, AttentionMixin, ConfigMixin):
     r"""Diffusion Transformer over the `[B, T, D]` latents of [`SCVAEModel`], conditioned on timestep and covariates.
+
+    Attention is diffusers': `attn_processors` / `set_attn_processor(processor)` (e.g. `LatentDiTAttnProcessor()` or
+    a callable `(attn, hidden_states) -> hidden_states`) and `set_attention_backend(...)`.
 
     Args:
         num_latent_tokens (`int`, defaults to 16): Latent tokens `T` per cell (`SCVAEConfig.num_latent_tokens`).
@@ -255,4 +306,4 @@ def _check_covariate_name(name: str) -> None:
         )
 
 
-__all__ = ["LatentDiTOutput", "LatentDiTTransformer"]
+__all__ = ["LatentDiTAttention", "LatentDiTAttnProcessor", "LatentDiTOutput", "LatentDiTTransformer"]

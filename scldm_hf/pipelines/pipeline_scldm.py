@@ -5,7 +5,6 @@ diffusers flow-matching scheduler, decodes the latents with the VAE at library s
 log-normal model, and draws negative binomial counts.
 """
 
-import importlib.metadata
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +20,7 @@ import scipy.sparse as sp
 import diffusers
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
@@ -31,6 +31,7 @@ from ..models.conditioning import CellConditioner
 from ..models.modeling_scvae import SCVAEModel
 from ..models.transformer_latent_dit import LatentDiTTransformer
 from ..validation import check_conditions, check_fits_in_memory, check_guidance_scale, check_num_cells
+from ..version import package_version
 
 from .scheduling_flow_match_ode import FlowMatchODESolverScheduler
 
@@ -168,7 +169,8 @@ class SCLDMPipeline(DiffusionPipeline):
                 raise ConfigurationError(f"{name}={value!r} must be a positive integer.")
         if output_type not in get_args(OutputType):
             raise ConfigurationError(f"output_type={output_type!r} is not one of {get_args(OutputType)}.")
-        unknown_inputs = sorted(set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs))
+        tensor_inputs = callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        unknown_inputs = sorted(set(tensor_inputs) - set(self._callback_tensor_inputs))
         if unknown_inputs:
             raise ConfigurationError(
                 f"callback_on_step_end_tensor_inputs {unknown_inputs} are not among {self._callback_tensor_inputs}."
@@ -259,7 +261,8 @@ class SCLDMPipeline(DiffusionPipeline):
         """Integrate noise `[B, T, D]` to standardised clean latents `[B, T, D]` with the scheduler (sigma 1 -> 0).
 
         The one `scheduler.set_timesteps` call of a pass (a diffusers scheduler counts its steps, so each batch starts
-        a fresh schedule). After each step, `callback_on_step_end(self, step, timestep, {"latents": ...})` may return
+        a fresh schedule). After each step, `callback_on_step_end(self, step, timestep, {"latents": ...})` (a function,
+        or diffusers' `PipelineCallback` / `MultiPipelineCallbacks`, whose `tensor_inputs` are passed) may return
         `{"latents": ...}` to replace them, as in diffusers' pipelines.
         """
         self.scheduler.set_timesteps(num_inference_steps, device=noise.device)
@@ -268,14 +271,21 @@ class SCLDMPipeline(DiffusionPipeline):
                 lambda latents, timestep: self.predict_velocity(latents, timestep, covariates, guidance_scale), noise
             )
         self.scheduler.set_begin_index(0)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        tensor_inputs = callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         latents = noise
         for step, timestep in enumerate(self.scheduler.timesteps):
             velocity = self.predict_velocity(latents, timestep, covariates, guidance_scale)
             latents = self.scheduler.step(velocity, timestep, latents).prev_sample
             if callback_on_step_end is not None:
-                tensors = {name: latents for name in callback_on_step_end_tensor_inputs}
+                tensors = {name: latents for name in tensor_inputs}
                 latents = callback_on_step_end(self, step, timestep, tensors).pop("latents", latents)
         return latents
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the current schedule (what diffusers' `PipelineCallback`s read for a `cutoff_step_ratio`)."""
+        return self._num_timesteps
 
     @torch.no_grad()
     def decode_counts(
@@ -351,17 +361,15 @@ class SCLDMPipeline(DiffusionPipeline):
         """Check the conditions, the number of cells and the guidance -> `(labels, num_cells)`: `labels` is a
         DataFrame of one row per cell, or of a single row for every cell (never repeated `num_cells` times), or
         None (unconditional). Unknown labels raise here, before any work."""
-        if conditions is None:
-            check_num_cells(num_cells)
-            check_guidance_scale(guidance_scale, [])
-            return None, num_cells
-        frame = check_conditions(conditions)
-        if len(frame) > 1:
-            frame = check_conditions(frame, num_cells)
-        num_cells = len(frame) if num_cells is None else num_cells
+        frame = None
+        if conditions is not None:
+            frame = check_conditions(conditions)
+            if len(frame) > 1:
+                frame = check_conditions(frame, num_cells)
+            num_cells = len(frame) if num_cells is None else num_cells
+            self.conditioner.encode(frame)
         check_num_cells(num_cells)
-        self.conditioner.encode(frame)
-        check_guidance_scale(guidance_scale, list(frame.columns))
+        check_guidance_scale(guidance_scale, [] if frame is None else list(frame.columns))
         return frame, num_cells
 
     @torch.no_grad()
@@ -466,9 +474,10 @@ class SCLDMPipeline(DiffusionPipeline):
             batch_size (`int`, defaults to 256): Cells integrated at once (larger batches help on GPUs).
             output_type (`"anndata"`, `"counts"` or `"latent"`, defaults to `"anndata"`): See [`SCLDMPipelineOutput`].
             return_dict (`bool`, defaults to True): Return a [`SCLDMPipelineOutput`] instead of a tuple.
-            callback_on_step_end (`Callable`, *optional*): Called after every ODE step of every batch as
-                `callback_on_step_end(pipe, step, timestep, callback_kwargs)`; `callback_kwargs` holds the tensors
-                named in `callback_on_step_end_tensor_inputs` (`"latents"`, `[batch, T, D]`), and a returned
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): Called
+                after every ODE step of every batch as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`;
+                `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs` (a diffusers
+                callback object's own `tensor_inputs`; `"latents"`, `[batch, T, D]`), and a returned
                 `{"latents": ...}` replaces them. Not with `FlowMatchODESolverScheduler` (no steps).
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): See `callback_on_step_end`.
         """
@@ -505,12 +514,12 @@ class SCLDMPipeline(DiffusionPipeline):
                           uns={"scldm_hf": uns})
 
 
-def package_version() -> str | None:
-    """The installed scldm-hf version; None where this file runs as a saved folder's code without the package."""
-    try:
-        return importlib.metadata.version("scldm-hf")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def callback_tensor_inputs(callback: Callable | None, requested: Sequence[str]) -> Sequence[str]:
+    """The tensors `callback` gets: a diffusers `PipelineCallback`'s / `MultiPipelineCallbacks`' `tensor_inputs`
+    (as diffusers' pipelines do), else `requested` (`callback_on_step_end_tensor_inputs`)."""
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        return callback.tensor_inputs
+    return requested
 
 
 __all__ = ["GeneratedBatch", "SCLDMPipeline", "SCLDMPipelineOutput"]
