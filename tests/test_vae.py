@@ -393,3 +393,19 @@ def test_chunked_readout_matches_unchunked_outputs_and_gradients():
     for name, grad in reference_grads.items():
         scale = grad.abs().max()
         torch.testing.assert_close(grads[name] / scale, grad / scale, rtol=0, atol=1e-5, msg=name)
+
+
+def test_token_checks_run_in_eval_mode_only(model, monkeypatch):
+    """Per-batch validation (host syncs) stays out of the training step: corpora are validated at conversion."""
+    import scldm_hf.models.modeling_scvae as modeling
+
+    checked = []
+    monkeypatch.setattr(modeling, "check_gene_tokens", lambda *args, **kwargs: checked.append(model.training))
+    batch = token_batch()
+    model.encode(**batch)
+    model.train()
+    try:
+        model.encode(**batch)
+    finally:
+        model.eval()
+    assert checked == [False]

@@ -42,7 +42,9 @@ def negative_binomial_log_prob(
     """Elementwise log NB(counts | mean, inverse dispersion theta) (broadcasting).
 
     Same distribution as `torch.distributions.NegativeBinomial(total_count=theta, probs=mean / (mean + theta))`:
-    variance `mean + mean**2 / theta`.
+    variance `mean + mean**2 / theta` (tests/test_vae.py checks the two agree). Kept in this form rather than
+    calling torch's class: it is the released scLDM's `log_nb_positive` (`scldm/distributions.py`, from scvi-tools),
+    eps included, so a zero mean gives a finite log-probability where torch's logits would be -inf.
     """
     theta = inverse_dispersion
     log_theta_plus_mean = torch.log(theta + mean + _LOG_EPS)
@@ -325,6 +327,13 @@ class SCVAEModel(PreTrainedModel):
             return embeddings * values.unsqueeze(-1)
         return self.value_projection(torch.cat([embeddings, values.unsqueeze(-1)], dim=-1))
 
+    def check_inputs(self, gene_ids: torch.LongTensor, counts: torch.Tensor, attention_mask: torch.BoolTensor) -> None:
+        """Validate a gene-token batch (`[B, L]` each) in eval mode only: in training mode batches come from a corpus
+        validated once at conversion (`anndata_to_corpus` checks the counts, the collator maps vocabulary genes only),
+        so the checks' host synchronisations stay out of the training step."""
+        if not self.training:
+            check_gene_tokens(gene_ids, counts, attention_mask, vocab_size=self.config.vocab_size)
+
     def encode(
         self,
         gene_ids: torch.LongTensor,
@@ -346,7 +355,7 @@ class SCVAEModel(PreTrainedModel):
                 defaults to `self.training`. Ignored by the deterministic encoder.
             generator (`torch.Generator`, *optional*): RNG for posterior samples.
         """
-        check_gene_tokens(gene_ids, counts, attention_mask, vocab_size=self.config.vocab_size)
+        self.check_inputs(gene_ids, counts, attention_mask)
         attention_mask = attention_mask.bool()
         if library_size is None:
             library_size = (counts * attention_mask).sum(dim=-1)
@@ -460,7 +469,7 @@ class SCVAEModel(PreTrainedModel):
         thinned count of its panel gene, so input and target stay one cell; tokens left with no count are masked out
         (unless none is left), and the counts outside the panel are thinned into `library_size` with the same `p`.
         """
-        check_gene_tokens(gene_ids, counts, attention_mask, vocab_size=self.config.vocab_size)
+        self.check_inputs(gene_ids, counts, attention_mask)
         if panel_gene_ids is None:
             panel_gene_ids = torch.arange(1, self.config.vocab_size + 1, device=counts.device)
         check_decoder_genes(panel_gene_ids, batch_size=len(library_size), vocab_size=self.config.vocab_size)
