@@ -71,6 +71,7 @@ def _convert_atlas(args) -> str:
 
     from scldm_hf.data.atlas import TokenValueLayout, token_values_to_corpus
 
+    _check_output_path(args.output_dir, args.overwrite, option="output_dir")  # before reading any of the repo
     layout = TokenValueLayout(**{field.name: getattr(args, field.name) for field in fields(TokenValueLayout)})
     info = token_values_to_corpus(args.repo_id, args.output_dir, covariates=args.covariate, layout=layout,
                                   revision=args.revision, overwrite=args.overwrite)

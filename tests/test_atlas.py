@@ -110,6 +110,8 @@ def test_convert_atlas_command_writes_the_corpus_and_refuses_non_counts(offline_
     error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
     assert error.startswith("error: column 'expressions' of scldm-tests/atlas-log1p (expression_data) holds")
     assert "non-integer values" in error and "(row 0)" in error and "--value-column" in error
+    assert main(["convert-atlas", "scldm-tests/not-in-the-cache", str(tmp_path / "corpus")]) == 2
+    assert "corpus already exists: choose another output_dir" in capsys.readouterr().err  # checked before the repo
     assert not (tmp_path / "log_corpus").exists()
 
 
