@@ -90,7 +90,8 @@ class TrainingConfig:
     early_stopping_patience: int | None = field(default=None, metadata={
         "help": "Stop when the held-out loss (checked every validation_steps) has not improved for this many checks "
                 "in a row, and keep the weights of the best check (the EMA's for the DiT); max_train_steps is then "
-                "an upper bound. None trains for max_train_steps and keeps the last weights."})
+                "an upper bound (the learning-rate schedule still spans max_train_steps: stopping early does not "
+                "shorten it). None trains for max_train_steps and keeps the last weights."})
     validation_steps: int = field(default=100, metadata={
         "help": "Compute the held-out loss every this many optimizer steps (logged as validation_loss) when "
                 "early_stopping_patience is set."})
