@@ -47,3 +47,15 @@ def test_latent_cache_is_sharded_memory_mapped_and_holds_the_in_memory_latents(c
     reopened = encode_latent_cache(vae, dataset, info, tmp_path, BATCH_SIZE, Accelerator(cpu=True))
     assert [(tmp_path / LATENT_CACHE_DIR / path).stat().st_mtime_ns for path in shards] == mtimes
     np.testing.assert_array_equal(reopened.with_format("numpy")["latents"], expected)
+
+
+def test_latent_cache_is_re_encoded_when_counts_change_under_the_same_cell_ids(cells, vae, tmp_path):
+    dataset, info = cells
+    encode_latent_cache(vae, dataset, info, tmp_path, BATCH_SIZE, Accelerator(cpu=True))
+    doubled = dataset.map(lambda row: {"counts": [2 * count for count in row["counts"]]} if row["cell_id"] ==
+                          dataset[0]["cell_id"] else {}, features=dataset.features)
+    assert doubled["cell_id"] == dataset["cell_id"]
+    cache = encode_latent_cache(vae, doubled, info, tmp_path, BATCH_SIZE, Accelerator(cpu=True))
+    expected = encode_dataset(vae, doubled, batch_size=BATCH_SIZE, show_progress=False)
+    np.testing.assert_array_equal(cache.with_format("numpy")["latents"], expected)
+    assert not np.array_equal(expected[0], encode_dataset(vae, dataset.select([0]), show_progress=False)[0])

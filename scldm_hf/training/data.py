@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 import torch
 from accelerate import Accelerator
@@ -249,7 +250,7 @@ def encode_latent_cache(
     cache_dir = Path(output_dir) / LATENT_CACHE_DIR
     key = {
         "vae_weights": _state_dict_digest(vae),
-        "cells": _cell_ids_digest(dataset),
+        "cells": _cells_digest(dataset, info.covariates),
         "covariates": {name: dataset.features[name].names for name in info.covariates},
     }
     with accelerator.main_process_first():
@@ -266,11 +267,19 @@ def encode_latent_cache(
     return open_arrow_shards(sorted(cache_dir.glob(SHARD_GLOB)), streaming)
 
 
-def _cell_ids_digest(dataset: TrainingData) -> str:
-    """SHA-256 of the newline-joined ``cell_id`` column, read batch by batch."""
+def _cells_digest(dataset: TrainingData, covariates) -> str:
+    """SHA-256 of what the cache is made of: each cell's id, gene tokens, counts, library size and labels, read as
+    Arrow batch by batch (a corpus re-converted with other counts under the same cell ids gets a new key)."""
+    columns = ["cell_id", "gene_ids", "counts", "library_size", *covariates]
     digest = hashlib.sha256()
-    for index, batch in enumerate(dataset.select_columns(["cell_id"]).iter(batch_size=SCAN_BATCH_SIZE)):
-        digest.update(("\n" if index else "").encode() + "\n".join(batch["cell_id"]).encode())
+    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=SCAN_BATCH_SIZE):
+        digest.update("\n".join(table["cell_id"].to_pylist()).encode() + b"\n")
+        for name in columns[1:]:
+            column = table[name].combine_chunks()
+            if pa.types.is_list(column.type):
+                digest.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
+                column = pc.list_flatten(column)
+            digest.update(column.to_numpy(zero_copy_only=False).tobytes())
     return digest.hexdigest()
 
 
