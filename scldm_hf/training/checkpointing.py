@@ -46,6 +46,8 @@ EMA_WEIGHTS_FILE = "ema.safetensors"
 BEST_WEIGHTS_FILE = "best_weights.safetensors"
 RNG_STATE_FILE = "rng_state_{process}.safetensors"
 # Options that may change between a checkpoint and its resumption (where outputs go, logging, hardware use).
+# `data` is here because a corpus may move; `data_revision` is not: another revision is other data, so resuming
+# with it is refused unless resume_with_changes is set.
 RUN_ONLY_OPTIONS = {
     "output_dir", "data", "resume_from_checkpoint", "resume_with_changes", "logging_steps", "report_to",
     "checkpointing_steps", "checkpoints_total_limit", "push_to_hub", "hub_model_id", "hub_private", "num_threads",
