@@ -29,6 +29,7 @@ and the celltypist sample, which has no labels and is scored as one pooled label
     python benchmarks/bench_diagnosis.py --data mine.h5ad --label-key cell_type --seeds 0 1 2
 """
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ from scldm_hf.workflows.side_by_side import stratified_split, train_scldm
 
 ROOT = Path(__file__).resolve().parents[1]
 POOLED_LABEL = "pooled"
-COUNT_METRICS = ("mmd_rbf", "energy_distance", "classifier_auroc")
+COUNT_METRICS = ("mmd_rbf", "energy_distance", "nn_accuracy", "classifier_auroc")
 MIN_CELLS = 10
 
 
@@ -258,58 +259,86 @@ def stage_of_the_gap(runs: list[dict]) -> str:
     return f"full-generation MMD² gap scLDM - scVI {gap('e'):+.4f} = {listed}: the {loser} loses the distance."
 
 
+def training_length(stage_dir: Path) -> str:
+    """``"<steps run> (best <step>)"`` of a trained stage, read from its ``logs/metrics.csv``."""
+    metrics = pd.read_csv(stage_dir / "logs" / "metrics.csv")
+    validation = metrics[metrics["metric"] == "validation_loss"]
+    best = int(validation.loc[validation["value"].idxmin(), "step"]) if len(validation) else None
+    return f"{int(metrics['step'].max())} (best {best})"
+
+
 def diagnose(cells: ad.AnnData, label_key: str, seed: int, recipe: Path, overrides: dict, dit_overrides: dict,
-             workdir: Path, reuse_trained: bool = False) -> tuple[dict, dict[str, float]]:
-    """One seed: split, train both models, diagnose both; returns the scores and the training wall times.
+             workdir: Path, reuse_trained: bool = False) -> dict:
+    """One seed: split, train both models, diagnose both; returns ``{"scores", "wall_s", "cpu_s", "steps"}``.
 
     `reuse_trained` takes the scLDM pipeline already trained in `workdir` (a rerun of the diagnosis only).
     """
     train, floor, test = variable_genes_of_training_cells(stratified_split(cells, label_key, seed=seed))
-    wall = {}
-    start = time.perf_counter()
+    wall, cpu = {}, {}
+    start, cpu_start = time.perf_counter(), time.process_time()
     pipeline_dir = workdir / "pipeline"
     if not (reuse_trained and (pipeline_dir / "model_index.json").is_file()):
         pipeline_dir = train_scldm(train, label_key, recipe, workdir, {**overrides, "seed": seed}, dit_overrides)
-    wall["scLDM"] = time.perf_counter() - start
-    start = time.perf_counter()
+    wall["scLDM"], cpu["scLDM"] = time.perf_counter() - start, time.process_time() - cpu_start
+    start, cpu_start = time.perf_counter(), time.process_time()
     scvi = ScviGenerator(label_key, seed=seed).fit(train)
-    wall["scVI"] = time.perf_counter() - start
-    print(f"seed {seed}: training wall time {wall}", flush=True)
+    wall["scVI"], cpu["scVI"] = time.perf_counter() - start, time.process_time() - cpu_start
+    steps = {"VAE": training_length(workdir / "vae"), "DiT": training_length(pipeline_dir),
+             "scVI epochs": len(scvi.model.history["elbo_train"])}
+    print(f"seed {seed}: training wall time {wall}, CPU time {cpu}, steps {steps}", flush=True)
     scores = {"scLDM": diagnose_scldm(pipeline_dir, train, floor, test, label_key, seed),
               "scVI": diagnose_scvi(scvi, train, floor, test, label_key, seed)}
-    return scores, wall
+    return {"scores": scores, "wall_s": wall, "cpu_s": cpu, "steps": steps}
+
+
+def run_seed(cells, label_key, seed, args, overrides, dit_overrides, workdir: Path) -> dict:
+    """`diagnose` one seed, its record kept in ``workdir/record.json``: a rerun with ``--resume`` reads it back."""
+    record_path = workdir / "record.json"
+    if args.resume and record_path.is_file():
+        return json.loads(record_path.read_text())
+    record = diagnose(cells, label_key, seed, args.recipe, overrides, dit_overrides, workdir, args.reuse_trained)
+    workdir.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=1))
+    return record
 
 
 def main() -> None:
     parser = data_argument_parser(__doc__.splitlines()[0], seeds=[0])
-    parser.add_argument("--patience", type=int, default=5, help="early_stopping_patience of both scLDM stages")
-    parser.add_argument("--vae-validation-steps", type=int, default=50)
-    parser.add_argument("--dit-validation-steps", type=int, default=100)
-    parser.add_argument("--vae-max-steps", type=int, default=5000, help="upper bound of the early-stopped VAE")
-    parser.add_argument("--dit-max-steps", type=int, default=8000, help="upper bound of the early-stopped DiT")
+    parser.set_defaults(recipe=ROOT / "training" / "configs" / "default.yaml")
+    parser.add_argument("--patience", type=int, help="early_stopping_patience of both stages (default: the recipe's)")
+    parser.add_argument("--vae-validation-steps", type=int)
+    parser.add_argument("--dit-validation-steps", type=int)
+    parser.add_argument("--vae-max-steps", type=int, help="upper bound of the early-stopped VAE (default: the recipe's)")
+    parser.add_argument("--dit-max-steps", type=int, help="upper bound of the early-stopped DiT (default: the recipe's)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the trained models in WORKDIR/<dataset>/seed<k> (default: a temporary folder)")
     parser.add_argument("--reuse-trained", action="store_true",
                         help="with --workdir: diagnose the scLDM pipelines already trained there instead of training")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --workdir: read back the seeds already diagnosed there (WORKDIR/<dataset>/seed<k>/"
+                             "record.json), e.g. seeds run by separate processes, and diagnose only the others")
     args = parser.parse_args()
-    overrides = {"num_threads": args.threads, "early_stopping_patience": args.patience,
-                 "validation_steps": args.vae_validation_steps, "max_train_steps": args.vae_max_steps}
-    dit_overrides = {"validation_steps": args.dit_validation_steps, "max_train_steps": args.dit_max_steps,
-                     "num_eval_cells": 0}
+    chosen = {"early_stopping_patience": args.patience, "validation_steps": args.vae_validation_steps,
+              "max_train_steps": args.vae_max_steps}
+    overrides = {"num_threads": args.threads, **{key: value for key, value in chosen.items() if value is not None}}
+    chosen = {"validation_steps": args.dit_validation_steps, "max_train_steps": args.dit_max_steps}
+    dit_overrides = {"num_eval_cells": 0, **{key: value for key, value in chosen.items() if value is not None}}
 
     for name, load in chosen_datasets(args, load_dataset).items():
         cells, label_key = load()
-        runs, walls = [], []
+        records = []
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as scratch:
                 workdir = Path(scratch) if args.workdir is None else args.workdir / name / f"seed{seed}"
-                scores, wall = diagnose(cells, label_key, seed, args.recipe, overrides, dit_overrides, workdir,
-                                        args.reuse_trained)
-            runs.append(scores)
-            walls.append(wall)
-        times = ", ".join(f"{model} {mean_sd([wall[model] for wall in walls])} s" for model in MODELS)
-        print(f"\n### {name}: {cells.n_obs} cells, label {label_key!r}, seeds {args.seeds} (training wall time: "
-              f"{times})\n\n{diagnosis_table(runs)}\n\n{stage_of_the_gap(runs)}\n", flush=True)
+                records.append(run_seed(cells, label_key, seed, args, overrides, dit_overrides, workdir))
+        runs = [record["scores"] for record in records]
+        times = ", ".join(f"{model} {mean_sd([record[kind][model] for record in records])} s {kind.split('_')[0]}"
+                          for model in MODELS for kind in ("wall_s", "cpu_s"))
+        steps = "; ".join(f"seed {seed}: " + ", ".join(f"{stage} {length}" for stage, length in record["steps"].items())
+                          for seed, record in zip(args.seeds, records))
+        print(f"\n### {name}: {cells.n_obs} cells, label {label_key!r}, seeds {args.seeds}\n\nTraining time: {times}."
+              f"\nTraining length (steps run, best held-out check): {steps}.\n\n{diagnosis_table(runs)}\n\n"
+              f"{stage_of_the_gap(runs)}\n", flush=True)
 
 
 if __name__ == "__main__":

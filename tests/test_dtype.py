@@ -102,6 +102,14 @@ def bf16_accelerator(tmp_path):
     AcceleratorState._reset_state()
 
 
+def test_a_later_float32_stage_in_the_same_process_is_not_kept_in_bf16(bf16_accelerator, tmp_path):
+    assert bf16_accelerator.mixed_precision == "bf16"
+    for requested in ("no", None):  # explicit float32, and the launcher's default (no `accelerate launch`: "no")
+        config = load_config(VAETrainingConfig, TINY, {"output_dir": str(tmp_path), "mixed_precision": requested,
+                                                       "report_to": "none"}, section="vae")
+        assert build_accelerator(config).mixed_precision == "no"
+
+
 def test_bf16_autocast_training_keeps_float32_weights_and_likelihood(batch, bf16_accelerator):
     cells, info = batch
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -47,6 +48,7 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         torch.set_num_threads(config.num_threads)
     output_dir = Path(config.output_dir)
     logging_dir = output_dir / "logs"
+    forget_earlier_precision(config.mixed_precision)
     accelerator = Accelerator(
         cpu=config.cpu,
         mixed_precision=config.mixed_precision,
@@ -60,6 +62,20 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return accelerator
+
+
+def forget_earlier_precision(mixed_precision: str | None) -> None:
+    """Let a stage choose its own precision after an earlier stage in the same single process chose another.
+
+    Accelerate keeps one `AcceleratorState` per process: after a bf16 VAE, a float32 DiT trained in the same process
+    (``train_scldm``, a notebook) would be refused (``mixed_precision='no'``) or silently run in bf16 (``None``). A
+    single-process state holds nothing else worth keeping, so it is dropped; a distributed launch keeps its state
+    (and the launcher's precision), as Accelerate intends.
+    """
+    earlier = AcceleratorState._shared_state.get("_mixed_precision")
+    requested = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if earlier is not None and earlier != requested and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
 
 
 @contextmanager
