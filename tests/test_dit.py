@@ -17,7 +17,7 @@ from scldm_hf.flow_matching import (
     optimal_transport_pairing,
     sample_sigmas,
 )
-from scldm_hf.models.conditioning import CellConditioner
+from scldm_hf.models.conditioning import CellConditioner, LibrarySizeMoments
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 
 NUM_TOKENS, LATENT_DIM = 4, 6
@@ -277,6 +277,28 @@ def conditioner() -> CellConditioner:
     conditioner = CellConditioner(covariate_labels={"cell_type": ["T", "B"], "condition": ["ctrl", "stim"]})
     conditioner.fit_library_size({"cell_type": cell_type, "condition": condition}, log_size.exp())
     return conditioner
+
+
+def test_library_size_moments_fed_in_batches_equal_the_whole_column(conditioner):
+    """Stage 2 fits the library-size model batch by batch (flat memory on atlases): any batching gives the groups
+    of one pass over all cells (sorted label ids, counts, log mean and variance)."""
+    generator = torch.Generator().manual_seed(2)
+    cell_type, condition = torch.randint(0, 3, (500,), generator=generator), torch.randint(0, 2, (500,), generator=generator)
+    library_size = torch.randint(1, 10_000, (500,), generator=generator).double()
+    whole = LibrarySizeMoments(["cell_type", "condition"])
+    whole.add({"cell_type": cell_type, "condition": condition}, library_size)
+    batched = LibrarySizeMoments(["cell_type", "condition"])
+    for rows in torch.randperm(500, generator=generator).split(37):  # shuffled, uneven batches
+        batched.add({"cell_type": cell_type[rows], "condition": condition[rows]}, library_size[rows])
+    for expected, got in zip(whole.groups(), batched.groups()):
+        torch.testing.assert_close(got, expected)
+    label_ids, num_cells, log_mean, _ = whole.groups()
+    assert label_ids.shape == (6, 2) and num_cells.sum() == 500
+    first = (cell_type == label_ids[0, 0]) & (condition == label_ids[0, 1])
+    torch.testing.assert_close(log_mean[0], library_size[first].log().mean())
+    pooled = LibrarySizeMoments([])
+    pooled.add({}, library_size)
+    assert pooled.groups()[0].shape == (1, 0) and pooled.groups()[1].item() == 500
 
 
 def test_conditioner_encodes_dicts_and_dataframes(conditioner):

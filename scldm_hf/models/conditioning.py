@@ -20,6 +20,45 @@ _MAX_LISTED_LABELS = 30
 _COLUMN_BATCH_SIZE = 65_536  # rows per read of the label and library-size columns
 
 
+class LibrarySizeMoments:
+    """Running count, mean and variance of log library size per label combination, fed batch by batch, so fitting
+    the library-size model of a corpus holds one batch and one row per group, not a column of every cell."""
+
+    def __init__(self, covariate_names: list[str]):
+        self.covariate_names = list(covariate_names)
+        self.sums: dict[tuple[int, ...], torch.Tensor] = {}  # group label ids -> [cells, sum log, sum log^2]
+
+    def add(self, covariates: dict[str, torch.LongTensor], library_size: torch.Tensor) -> None:
+        """Add cells: label ids `{name: [n]}` of every covariate and total counts `[n]` (> 0)."""
+        library_size = torch.as_tensor(library_size, dtype=torch.float64).cpu()
+        num_empty = int((library_size <= 0).sum())
+        if num_empty:
+            raise InputDataError(
+                f"{num_empty} of {len(library_size)} cells have library size <= 0; a log-normal cannot be fitted. "
+                "Remove empty cells first, e.g. scanpy.pp.filter_cells(adata, min_counts=1)."
+            )
+        if self.covariate_names:
+            label_ids = torch.stack([torch.as_tensor(covariates[name]).long().cpu() for name in self.covariate_names], 1)
+            group_label_ids, group_of_cell = torch.unique(label_ids, dim=0, return_inverse=True)
+        else:
+            group_label_ids = torch.zeros(1, 0, dtype=torch.long)
+            group_of_cell = torch.zeros(len(library_size), dtype=torch.long)
+        log_size = library_size.log()
+        batch_sums = torch.zeros(len(group_label_ids), 3, dtype=torch.float64)
+        batch_sums.index_add_(0, group_of_cell, torch.stack([torch.ones_like(log_size), log_size, log_size**2], 1))
+        for key, sums in zip(map(tuple, group_label_ids.tolist()), batch_sums):
+            self.sums[key] = self.sums[key] + sums if key in self.sums else sums
+
+    def groups(self) -> tuple[torch.LongTensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Label ids `[C, K]` (sorted), cell counts `[C]`, log library-size mean and variance `[C]` of the groups."""
+        keys = sorted(self.sums)
+        sums = torch.stack([self.sums[key] for key in keys])
+        num_cells, log_mean = sums[:, 0], sums[:, 1] / sums[:, 0]
+        log_var = (sums[:, 2] / num_cells - log_mean**2).clamp_min(0)
+        label_ids = torch.tensor(keys, dtype=torch.long).reshape(len(keys), len(self.covariate_names))
+        return label_ids, num_cells, log_mean, log_var
+
+
 class CellConditioner(ModelMixin, ConfigMixin):
     r"""Covariate label vocabularies and a per-condition log-normal library-size model.
 
@@ -72,10 +111,12 @@ class CellConditioner(ModelMixin, ConfigMixin):
                 f"{list(dataset.features)}); convert the data with anndata_to_dataset(..., covariates=[...])."
             )
         conditioner = cls(covariate_labels={name: dataset.features[name].names for name in covariates})
-        columns = [*covariates, "library_size"]
-        batches = list(dataset.select_columns(columns).with_format("numpy").iter(batch_size=_COLUMN_BATCH_SIZE))
-        values = {name: torch.as_tensor(np.concatenate([batch[name] for batch in batches])) for name in columns}
-        conditioner.fit_library_size({name: values[name] for name in covariates}, values["library_size"])
+        moments = LibrarySizeMoments(covariates)
+        for batch in dataset.select_columns([*covariates, "library_size"]).with_format("numpy").iter(
+                batch_size=_COLUMN_BATCH_SIZE):
+            moments.add({name: torch.as_tensor(batch[name]) for name in covariates},
+                        torch.as_tensor(batch["library_size"]))
+        conditioner.set_library_size_groups(*moments.groups())
         return conditioner
 
     def fit_library_size(self, covariates: dict[str, torch.LongTensor], library_size: torch.Tensor) -> None:
@@ -86,29 +127,9 @@ class CellConditioner(ModelMixin, ConfigMixin):
             library_size (`torch.Tensor [N]`): Total counts of each cell (> 0).
         """
         self._check_covariate_keys(covariates, require_all=True)
-        library_size = torch.as_tensor(library_size, dtype=torch.float64)
-        num_empty = int((library_size <= 0).sum())
-        if num_empty:
-            raise InputDataError(
-                f"{num_empty} of {len(library_size)} cells have library size <= 0; a log-normal cannot be fitted. "
-                "Remove empty cells first, e.g. scanpy.pp.filter_cells(adata, min_counts=1)."
-            )
-        num_cells = len(library_size)
-        if self.covariate_names:
-            label_ids = torch.stack([torch.as_tensor(covariates[name]).long() for name in self.covariate_names], 1)
-            group_label_ids, group_of_cell = torch.unique(label_ids.cpu(), dim=0, return_inverse=True)
-        else:
-            group_label_ids = torch.zeros(1, 0, dtype=torch.long)
-            group_of_cell = torch.zeros(num_cells, dtype=torch.long)
-        num_groups = len(group_label_ids)
-        log_size = library_size.log().cpu()
-        group_num_cells = torch.bincount(group_of_cell, minlength=num_groups).double()
-        group_log_mean = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_of_cell, log_size)
-        group_log_mean /= group_num_cells
-        group_log_var = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_of_cell, log_size**2)
-        group_log_var = (group_log_var / group_num_cells - group_log_mean**2).clamp_min(0)
-
-        self.set_library_size_groups(group_label_ids, group_num_cells, group_log_mean, group_log_var)
+        moments = LibrarySizeMoments(self.covariate_names)
+        moments.add(covariates, library_size)
+        self.set_library_size_groups(*moments.groups())
 
     def set_library_size_groups(
         self,
