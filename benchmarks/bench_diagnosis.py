@@ -51,7 +51,6 @@ from scldm_hf.loading import load_pipeline
 from scldm_hf.models.modeling_scvae import sample_negative_binomial
 from scldm_hf.workflows.side_by_side import stratified_split, train_scldm
 
-ROOT = Path(__file__).resolve().parents[1]
 POOLED_LABEL = "pooled"
 COUNT_METRICS = ("mmd_rbf", "energy_distance", "nn_accuracy", "classifier_auroc")
 MIN_CELLS = 10
@@ -304,7 +303,6 @@ def run_seed(cells, label_key, seed, args, overrides, dit_overrides, workdir: Pa
 
 def main() -> None:
     parser = data_argument_parser(__doc__.splitlines()[0], seeds=[0])
-    parser.set_defaults(recipe=ROOT / "training" / "configs" / "default.yaml")
     parser.add_argument("--patience", type=int, help="early_stopping_patience of both stages (default: the recipe's)")
     parser.add_argument("--vae-validation-steps", type=int)
     parser.add_argument("--dit-validation-steps", type=int)

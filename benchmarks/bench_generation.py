@@ -5,9 +5,9 @@ on the train cells (with that seed) and generates the test cells' label composit
 against the test cells (the evaluation protocol: PCA fitted on the train cells, equal counts per label, floor beside).
 Prints one markdown table per dataset (mean ± sd over seeds, CPU time of training + sampling per method, and the
 headline metrics scLDM wins or loses against scVI beyond the larger seed sd) and appends them to benchmarks/RESULTS.md.
-scVI runs at scvi-tools' defaults (epoch heuristic, early stopping on its held-out loss). scLDM trains for its
-recipe's fixed steps (early stopping on the held-out loss is a recipe option, ``early_stopping_patience``, which
-``bench_diagnosis.py`` uses).
+scVI runs at scvi-tools' defaults (epoch heuristic, early stopping on its held-out loss). scLDM trains with its
+recipe, by default ``training/configs/default.yaml``: each stage early-stopped on the loss of its held-out cells
+(``early_stopping_patience``), as ``bench_diagnosis.py`` does.
 
 Datasets: PBMC68k (765 genes, 10 cell types) and every real dataset in ../shared/data, reduced to their 2,000 most
 variable genes (Seurat v3 on the counts of all cells, CFGen's protocol): Kang 2018 (7 cell types, control and
@@ -109,7 +109,7 @@ def data_argument_parser(description: str, seeds: list[int]) -> argparse.Argumen
     parser.add_argument("--data", type=Path, help="any .h5ad of raw counts, benchmarked as is (with --label-key)")
     parser.add_argument("--label-key", help="obs column of the labels of --data")
     parser.add_argument("--seeds", type=int, nargs="+", default=seeds, help="split and training seeds")
-    parser.add_argument("--recipe", type=Path, default=ROOT / "training" / "configs" / "pbmc_demo.yaml")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "training" / "configs" / "default.yaml")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (training and sampling)")
     return parser
 
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--scvi-epochs", type=int, default=None, help="default: scvi-tools' heuristic + early stopping")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--max-train-steps", type=int, default=None,
-                        help="steps of both scLDM stages (default: the recipe's, VAE 900 and DiT 2000)")
+                        help="step cap of both scLDM stages (default: the recipe's)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args()
     sections = []

@@ -1,7 +1,7 @@
 """``make demo``: scLDM end to end on the bundled PBMC68k cells.
 
-Trains both stages (recipe ``training/configs/pbmc_demo.yaml``), generates cells for every cell type, evaluates them
-against held-out real cells side by side with scVI and a naive baseline (PCA fitted on the training cells, a second
+Trains both stages (recipe ``training/configs/default.yaml``: each stage early-stopped on held-out cells), generates
+cells for every cell type, evaluates them against held-out real cells side by side with scVI and a naive baseline (PCA fitted on the training cells, a second
 real sample as the floor beside every score, equal cells per label), and writes
 ``<output-dir>/report.html``. The last line printed says where the report is.
 """
@@ -16,7 +16,7 @@ from scldm_hf.evaluation import write_report
 from scldm_hf.workflows.side_by_side import run_side_by_side, stratified_split
 from scldm_hf.resources import resource_dir
 
-DEFAULT_RECIPE = resource_dir("recipes") / "pbmc_demo.yaml"
+DEFAULT_RECIPE = resource_dir("recipes") / "default.yaml"
 LABEL_KEY = "cell_type"
 
 
