@@ -301,6 +301,11 @@ def run_seed(cells, label_key, seed, args, overrides, dit_overrides, workdir: Pa
     return record
 
 
+def given(**options) -> dict:
+    """The recipe overrides passed on the command line (options left at None keep the recipe's value)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def main() -> None:
     parser = data_argument_parser(__doc__.splitlines()[0], seeds=[0])
     parser.add_argument("--patience", type=int, help="early_stopping_patience of both stages (default: the recipe's)")
@@ -316,11 +321,11 @@ def main() -> None:
                         help="with --workdir: read back the seeds already diagnosed there (WORKDIR/<dataset>/seed<k>/"
                              "record.json), e.g. seeds run by separate processes, and diagnose only the others")
     args = parser.parse_args()
-    chosen = {"early_stopping_patience": args.patience, "validation_steps": args.vae_validation_steps,
-              "max_train_steps": args.vae_max_steps}
-    overrides = {"num_threads": args.threads, **{key: value for key, value in chosen.items() if value is not None}}
-    chosen = {"validation_steps": args.dit_validation_steps, "max_train_steps": args.dit_max_steps}
-    dit_overrides = {"num_eval_cells": 0, **{key: value for key, value in chosen.items() if value is not None}}
+    overrides = {"num_threads": args.threads, **given(early_stopping_patience=args.patience,
+                                                      validation_steps=args.vae_validation_steps,
+                                                      max_train_steps=args.vae_max_steps)}
+    dit_overrides = {"num_eval_cells": 0, **given(validation_steps=args.dit_validation_steps,
+                                                  max_train_steps=args.dit_max_steps)}
 
     for name, load in chosen_datasets(args, load_dataset).items():
         cells, label_key = load()

@@ -1,9 +1,9 @@
 """``make demo``: scLDM end to end on the bundled PBMC68k cells.
 
 Trains both stages (recipe ``training/configs/default.yaml``: each stage early-stopped on held-out cells), generates
-cells for every cell type, evaluates them against held-out real cells side by side with scVI and a naive baseline (PCA fitted on the training cells, a second
-real sample as the floor beside every score, equal cells per label), and writes
-``<output-dir>/report.html``. The last line printed says where the report is.
+cells for every cell type, evaluates them against held-out real cells side by side with scVI and a naive baseline
+(PCA fitted on the training cells, a second real sample as the floor beside every score, equal cells per label), and
+writes ``<output-dir>/report.html``. The last line printed says where the report is.
 """
 
 import argparse

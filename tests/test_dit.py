@@ -279,7 +279,7 @@ def conditioner() -> CellConditioner:
     return conditioner
 
 
-def test_library_size_moments_fed_in_batches_equal_the_whole_column(conditioner):
+def test_library_size_moments_fed_in_batches_equal_the_whole_column():
     """Stage 2 fits the library-size model batch by batch (flat memory on atlases): any batching gives the groups
     of one pass over all cells (sorted label ids, counts, log mean and variance)."""
     generator = torch.Generator().manual_seed(2)
