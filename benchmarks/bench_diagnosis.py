@@ -37,12 +37,16 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import torch
-from bench_generation import DATASETS, NUM_VARIABLE_GENES, chosen_datasets, data_argument_parser, read_shared
+from bench_generation import (
+    chosen_datasets,
+    data_argument_parser,
+    load_dataset,
+    variable_genes_of_training_cells,
+)
 from scipy.stats import ks_2samp, wasserstein_distance
 
-from scldm_hf.data import encode_dataset, load_pbmc68k_counts
+from scldm_hf.data import encode_dataset
 from scldm_hf.evaluation import FLOOR_SUFFIX, ScviGenerator, energy_distance, evaluate_generation, mmd_rbf
 from scldm_hf.evaluation.evaluate import equal_count_groups
 from scldm_hf.evaluation.genes import gene_moments
@@ -51,32 +55,8 @@ from scldm_hf.loading import load_pipeline
 from scldm_hf.models.modeling_scvae import sample_negative_binomial
 from scldm_hf.workflows.side_by_side import stratified_split, train_scldm
 
-POOLED_LABEL = "pooled"
 COUNT_METRICS = ("mmd_rbf", "energy_distance", "nn_accuracy", "classifier_auroc")
 MIN_CELLS = 10
-
-
-def load_dataset(name: str) -> tuple[ad.AnnData, str]:
-    """`(counts, label column)` of a diagnosis data set, all genes (the variable ones are chosen on training cells)."""
-    if name == "pbmc68k":
-        return load_pbmc68k_counts(), "cell_type"
-    if name == "kang2018":
-        return read_shared("kang2018_pbmc_ifnb_counts.h5ad"), "cell_type"
-    if name == "celltypist":
-        cells = read_shared("celltypist_sample_counts.h5ad")
-        cells.obs[POOLED_LABEL] = pd.Categorical(["all cells"] * cells.n_obs)
-        return cells, POOLED_LABEL
-    raise SystemExit(f"unknown dataset {name!r}; choose from {DATASETS}")
-
-
-def variable_genes_of_training_cells(parts: tuple[ad.AnnData, ...]) -> tuple[ad.AnnData, ...]:
-    """Every part cut to the `NUM_VARIABLE_GENES` most variable genes of the first (training) part, if it has more."""
-    train = parts[0]
-    if train.n_vars <= NUM_VARIABLE_GENES:
-        return parts
-    variable = sc.pp.highly_variable_genes(train, n_top_genes=NUM_VARIABLE_GENES, flavor="seurat_v3", inplace=False)
-    keep = variable["highly_variable"].to_numpy()
-    return tuple(part[:, keep].copy() for part in parts)
 
 
 def library_size(cells: ad.AnnData) -> np.ndarray:

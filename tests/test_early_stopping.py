@@ -18,7 +18,14 @@ from scldm_hf.training.checkpointing import BEST_WEIGHTS_FILE, list_checkpoints
 from scldm_hf.training.data import LATENT_CACHE_DIR, SHARD_GLOB, open_arrow_shards, split_train_validation
 from scldm_hf.training.dit import train_dit, validation_flow_matching_loss
 from scldm_hf.training.trackers import METRICS_FILE
-from scldm_hf.training.vae import evaluate_vae, train_vae
+from scldm_hf.training.vae import (
+    MAX_EVALUATION_CELLS,
+    RoundTripDistance,
+    evaluate_vae,
+    panel_counts,
+    spread_rows,
+    train_vae,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"
@@ -44,10 +51,10 @@ def vae_config(corpus: Path, output_dir: Path, **overrides) -> VAETrainingConfig
                                                  **overrides}, section="vae")
 
 
-def validation_losses(output_dir: Path) -> dict[int, float]:
-    """`{step: validation_loss}` logged by the run in `output_dir`."""
+def validation_losses(output_dir: Path, metric: str = "validation_loss") -> dict[int, float]:
+    """`{step: score}` of the held-out score `metric` logged by the run in `output_dir`."""
     with (output_dir / "logs" / METRICS_FILE).open() as file:
-        return {int(row["step"]): float(row["value"]) for row in csv.DictReader(file) if row["metric"] == "validation_loss"}
+        return {int(row["step"]): float(row["value"]) for row in csv.DictReader(file) if row["metric"] == metric}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +94,37 @@ def test_resumed_run_stops_at_the_same_step_with_the_same_weights(stopped_vae, c
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
 
 
+def test_vae_stops_on_the_round_trip_distance_when_asked(corpus, tmp_path):
+    """``early_stopping_metric: round_trip_mmd`` watches the MMD^2 of held-out round trips (both scores are logged)
+    and keeps the weights of its best check; the saved VAE scores that MMD^2 again."""
+    output_dir = tmp_path / "vae"
+    config = vae_config(corpus, output_dir, early_stopping_metric="round_trip_mmd")
+    train_vae(config)
+    distances, losses = validation_losses(output_dir, "round_trip_mmd"), validation_losses(output_dir)
+    assert distances.keys() == losses.keys()
+    best_step = min(distances, key=distances.get)
+    assert max(distances) == best_step + PATIENCE * VALIDATION_STEPS < MAX_STEPS
+
+    dataset, info = load_corpus(corpus)
+    train, validation = split_train_validation(dataset, EARLY_STOPPING["validation_fraction"], seed=0)
+    round_trip = RoundTripDistance(panel_counts(spread_rows(train, MAX_EVALUATION_CELLS), info, 10), seed=0)
+    scores = evaluate_vae(SCVAEModel.from_pretrained(output_dir), validation, info, batch_size=10, round_trip=round_trip)
+    assert scores["round_trip_mmd"] == pytest.approx(distances[best_step], rel=1e-4, abs=1e-6)
+
+
+def test_round_trip_distance_is_lowest_for_the_true_means(pbmc_counts):
+    """Counts drawn around the cells' own counts are closer to them than draws around other cells', which are far
+    closer than draws around gene-shuffled counts."""
+    counts = torch.as_tensor(pbmc_counts.X[:120].toarray())
+    round_trip = RoundTripDistance(torch.as_tensor(pbmc_counts.X[200:400].toarray()), seed=0)
+    other_cells = torch.as_tensor(pbmc_counts.X[400:520].toarray())
+    shuffled_genes = counts[:, torch.randperm(counts.shape[1], generator=torch.Generator().manual_seed(0))]
+    near_poisson = torch.tensor(100.0)
+    distances = [round_trip(counts, means, near_poisson) for means in (counts, other_cells, shuffled_genes)]
+    assert distances == sorted(distances)
+    assert distances[2] > 10 * distances[1]
+
+
 def test_dit_early_stopping_keeps_the_best_ema_weights(stopped_vae, corpus, tmp_path):
     output_dir = tmp_path / "pipeline"
     config = load_config(DiTTrainingConfig, TINY, {
@@ -103,6 +141,13 @@ def test_dit_early_stopping_keeps_the_best_ema_weights(stopped_vae, corpus, tmp_
     loss = validation_flow_matching_loss(pipeline.transformer, validation, ["cell_type"], config.batch_size,
                                          config.seed, pipeline.vae.normalize_latents)
     assert loss == pytest.approx(losses[best_step], rel=1e-5)
+
+
+def test_early_stopping_metric_must_be_a_score_of_the_stage(corpus, tmp_path):
+    with pytest.raises(ConfigurationError, match="not a held-out score of this stage"):
+        load_config(DiTTrainingConfig, TINY, {**EARLY_STOPPING, "data": str(corpus), "vae_name_or_path": "vae",
+                                              "output_dir": str(tmp_path), "early_stopping_metric": "round_trip_mmd"},
+                    section="dit")
 
 
 def test_early_stopping_needs_held_out_cells(corpus, tmp_path):

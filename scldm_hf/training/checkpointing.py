@@ -63,7 +63,8 @@ class TrainingProgress:
 
     ``epoch`` and ``batches_seen_in_epoch`` (micro-batches per process) locate the next batch: the sampler order of
     an epoch is a function of (seed, epoch), so resuming skips ``batches_seen_in_epoch`` batches of that epoch.
-    ``best_validation_loss``, ``best_step`` and ``checks_without_improvement`` are early stopping's record.
+    ``best_validation_loss`` (the best of the watched score, ``early_stopping_metric``), ``best_step`` and
+    ``checks_without_improvement`` are early stopping's record.
     """
 
     global_step: int = 0

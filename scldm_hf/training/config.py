@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from copy import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from diffusers.optimization import SchedulerType
@@ -68,6 +68,7 @@ DiTModelOptions = _model_options("DiTModelOptions", LatentDiTTransformer, [
 class TrainingConfig:
     """Options shared by every stage: data, optimisation, checkpoints, logging, Hub."""
 
+    early_stopping_metrics: ClassVar[tuple[str, ...]] = ("validation_loss",)  # the held-out scores of the stage
     output_dir: str = field(metadata={"help": "Where the trained model, checkpoints (checkpoints/) and logs (logs/) go."})
     data: str = field(metadata={"help": "A corpus folder (anndata_to_corpus), the Hub dataset id of one (org/name, "
                                         "push_corpus_to_hub), an .h5ad file of raw counts (converted into "
@@ -93,8 +94,12 @@ class TrainingConfig:
                 "an upper bound (the learning-rate schedule still spans max_train_steps: stopping early does not "
                 "shorten it). None trains for max_train_steps and keeps the last weights."})
     validation_steps: int = field(default=100, metadata={
-        "help": "Compute the held-out loss every this many optimizer steps (logged as validation_loss) when "
-                "early_stopping_patience is set."})
+        "help": "Compute the held-out scores every this many optimizer steps (all logged; validation_loss is the "
+                "held-out training loss) when early_stopping_patience is set."})
+    early_stopping_metric: str = field(default="validation_loss", metadata={
+        "help": "The held-out score early stopping watches (lower is better): validation_loss for either stage; "
+                "the VAE also offers round_trip_mmd, the MMD^2 between held-out cells and their sampled round trips "
+                "in a PCA of log1p CP10k fitted on training cells."})
     seed: int = field(default=0, metadata={"help": "Seed of weights, data order, noise and the validation split."})
     max_train_steps: int = field(default=1000, metadata={
         "help": "Optimizer steps (each of batch_size x gradient_accumulation_steps x processes cells)."})
@@ -157,6 +162,9 @@ class TrainingConfig:
         if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
             raise ConfigurationError(f"early_stopping_patience={self.early_stopping_patience} must be > 0, or null "
                                      "to train for max_train_steps.")
+        if self.early_stopping_metric not in self.early_stopping_metrics:
+            raise ConfigurationError(f"early_stopping_metric={self.early_stopping_metric!r} is not a held-out score "
+                                     f"of this stage; choose one of {list(self.early_stopping_metrics)}.")
         if self.early_stopping_patience is not None and self.validation_fraction == 0:
             raise ConfigurationError("early_stopping_patience needs held-out cells: set validation_fraction > 0 "
                                      "(e.g. 0.1), or drop early_stopping_patience.")
@@ -176,6 +184,7 @@ class TrainingConfig:
 class VAETrainingConfig(TrainingConfig):
     """Stage 1 (`SCVAEModel`)."""
 
+    early_stopping_metrics: ClassVar[tuple[str, ...]] = ("validation_loss", "round_trip_mmd")
     model: VAEModelOptions = field(default_factory=VAEModelOptions, metadata={
         "help": "SCVAEConfig options (the gene vocabulary comes from the corpus)."})
     init_from: str | None = field(default=None, metadata={

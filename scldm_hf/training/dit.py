@@ -198,8 +198,8 @@ def train_transformer(accelerator: Accelerator, config: DiTTrainingConfig, trans
         accelerator, config, objective, optimizer, lr_scheduler, dataloader,
         lambda model, batch: {"loss": model(batch["latents"], batch["covariates"])}, corpus=info,
         model_config=dict(transformer.config), ema=ema,
-        validation_loss=lambda model: validation_flow_matching_loss(
-            model.transformer, validation, covariates, config.batch_size, config.seed, normalize),
+        validation_scores=lambda model: {"validation_loss": validation_flow_matching_loss(
+            model.transformer, validation, covariates, config.batch_size, config.seed, normalize)},
     )
     if ema is not None:
         ema.copy_to(accelerator.unwrap_model(objective).transformer.parameters())

@@ -2,8 +2,8 @@
 
 The loop is "infinite epochs until ``max_train_steps``" with gradient accumulation and clipping, EMA updates,
 logging every ``logging_steps``, an atomic checkpoint every ``checkpointing_steps`` and, with
-``early_stopping_patience``, a held-out loss every ``validation_steps`` that stops the run when it no longer improves
-and restores the best weights. Resuming restores the step, optimizer, scheduler, EMA, RNG states, the data position
+``early_stopping_patience``, held-out scores every ``validation_steps`` (all logged) of which the watched one
+(``early_stopping_metric``) stops the run when it no longer improves, the best weights being restored. Resuming restores the step, optimizer, scheduler, EMA, RNG states, the data position
 (epoch + batches already seen in it) and early stopping's record with its best weights.
 """
 
@@ -39,7 +39,7 @@ from .trackers import build_trackers
 logger = get_logger(__name__)
 
 LossFunction = Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
-ValidationLoss = Callable[[torch.nn.Module], float]
+ValidationScores = Callable[[torch.nn.Module], dict[str, float]]
 
 
 def build_accelerator(config: TrainingConfig) -> Accelerator:
@@ -141,14 +141,15 @@ def train_loop(
     model_config: Mapping,
     ema: EMAModel | None = None,
     generators: Sequence[torch.Generator] = (),
-    validation_loss: ValidationLoss | None = None,
+    validation_scores: ValidationScores | None = None,
 ) -> TrainingProgress:
     """Train the prepared `model` until ``config.max_train_steps`` (or early stopping); returns the final progress.
 
     `compute_loss(model, batch)` returns a dict with ``"loss"`` (optimised) and any other scalars to log. `ema` and
     the RNG states of `generators` are saved with every checkpoint; `corpus` and `model_config` (with `config`) are
-    what a resumed run must share with its checkpoint. `validation_loss(unwrapped model)` is the held-out loss that
-    early stopping watches (required with ``config.early_stopping_patience``).
+    what a resumed run must share with its checkpoint. `validation_scores(unwrapped model)` gives the held-out scores
+    (lower is better) of which early stopping watches ``config.early_stopping_metric`` (required with
+    ``config.early_stopping_patience``).
     """
     progress = TrainingProgress(
         num_processes=accelerator.num_processes,
@@ -173,9 +174,10 @@ def train_loop(
     unwrapped = accelerator.unwrap_model(model)
     early_stopping = None
     if config.early_stopping_patience is not None:
-        if validation_loss is None:
+        if validation_scores is None:
             raise ConfigurationError("early_stopping_patience is set but this stage has no held-out loss to watch.")
-        early_stopping = EarlyStopping(state, unwrapped, validation_loss, config.early_stopping_patience, ema)
+        early_stopping = EarlyStopping(state, unwrapped, validation_scores, config.early_stopping_metric,
+                                       config.early_stopping_patience, ema)
     running = {}
     bar = tqdm(total=config.max_train_steps, initial=progress.global_step, desc="Training", unit="step",
                disable=not accelerator.is_local_main_process)
@@ -212,7 +214,7 @@ def train_loop(
                 bar.set_postfix(loss=f"{logs['loss']:.4g}")
                 running = {}
             if early_stopping is not None and progress.global_step % config.validation_steps == 0:
-                accelerator.log({"validation_loss": early_stopping.check()}, step=progress.global_step)
+                accelerator.log(early_stopping.check(), step=progress.global_step)
             if progress.global_step % config.checkpointing_steps == 0:
                 save_checkpoint(accelerator, state, config.checkpoint_root, progress.global_step,
                                 config.checkpoints_total_limit)
@@ -225,8 +227,8 @@ def train_loop(
             progress.epoch += 1
             progress.batches_seen_in_epoch = 0
         if early_stopping is not None and early_stopping.should_stop:
-            logger.info(f"early stopping at step {progress.global_step}: the held-out loss has not improved since "
-                        f"step {progress.best_step}", main_process_only=True)
+            logger.info(f"early stopping at step {progress.global_step}: {config.early_stopping_metric} has not "
+                        f"improved since step {progress.best_step}", main_process_only=True)
             break
     bar.close()
     if early_stopping is not None:
@@ -235,7 +237,7 @@ def train_loop(
 
 
 class EarlyStopping:
-    """The held-out loss of the weights a run saves (the EMA's when there is one), and the best of them so far.
+    """The held-out scores of the weights a run saves (the EMA's when there is one), and the best of them so far.
 
     The record (best loss, its step, checks since) lives in ``state.progress`` and the best weights in
     ``state.best_weights``, so checkpoints carry both and a resumed run stops where an uninterrupted one would.
@@ -243,37 +245,41 @@ class EarlyStopping:
     Args:
         state: the run's `TrainingState`.
         model: the unwrapped model being trained.
-        validation_loss: held-out loss of `model` (deterministic: fixed noise, eval mode).
+        validation_scores: held-out scores of `model`, lower is better (deterministic: fixed noise, eval mode).
+        watched: the name of the score that decides (e.g. ``validation_loss``).
         patience: checks in a row without improvement after which `should_stop`.
         ema: the EMA of `model`'s parameters, whose weights are evaluated and kept instead.
     """
 
-    def __init__(self, state: TrainingState, model: torch.nn.Module, validation_loss: ValidationLoss, patience: int,
-                 ema: EMAModel | None = None):
-        self.state, self.model, self.validation_loss, self.patience, self.ema = state, model, validation_loss, patience, ema
+    def __init__(self, state: TrainingState, model: torch.nn.Module, validation_scores: ValidationScores,
+                 watched: str, patience: int, ema: EMAModel | None = None):
+        self.state, self.model, self.validation_scores = state, model, validation_scores
+        self.watched, self.patience, self.ema = watched, patience, ema
 
     @property
     def should_stop(self) -> bool:
         return self.state.progress.checks_without_improvement >= self.patience
 
     @torch.no_grad()
-    def check(self) -> float:
-        """Score the current weights on the held-out cells, keep them when best; returns the loss."""
+    def check(self) -> dict[str, float]:
+        """Score the current weights on the held-out cells, keep them when the watched score is best; returns the
+        scores."""
         if self.ema is not None:
             self.ema.store(self.model.parameters())
             self.ema.copy_to(self.model.parameters())
-        loss = self.validation_loss(self.model)
+        scores = self.validation_scores(self.model)
+        score = scores[self.watched]
         if self.ema is not None:
             self.ema.restore(self.model.parameters())
         self.model.train()
         progress = self.state.progress
-        if progress.best_validation_loss is None or loss < progress.best_validation_loss:
-            progress.best_validation_loss, progress.best_step = loss, progress.global_step
+        if progress.best_validation_loss is None or score < progress.best_validation_loss:
+            progress.best_validation_loss, progress.best_step = score, progress.global_step
             progress.checks_without_improvement = 0
             self.state.best_weights = self.kept_weights()
         else:
             progress.checks_without_improvement += 1
-        return loss
+        return scores
 
     def kept_weights(self) -> dict[str, torch.Tensor]:
         """CPU copies of the weights the run saves: the EMA shadow parameters, or the model's state dict."""

@@ -3,14 +3,18 @@
 import dataclasses
 
 import anndata as ad
+import datasets
 import numpy as np
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from scldm_hf.data import CellCollator, CorpusInfo
+from scldm_hf.evaluation.distribution import mmd_rbf
+from scldm_hf.evaluation.preprocessing import fit_real_pca, log_normalize
 from scldm_hf.loading import load_vae
 from scldm_hf.models import SCVAEConfig, SCVAEModel
+from scldm_hf.models.modeling_scvae import sample_negative_binomial
 
 from .card_metrics import CardMetrics
 from .config import VAETrainingConfig
@@ -38,6 +42,8 @@ def train_vae(config: VAETrainingConfig, card_metrics: CardMetrics | None = None
         model = SCVAEModel(SCVAEConfig(gene_names=info.genes, **dataclasses.asdict(config.model)))
     train, validation = split_train_validation(dataset, config.validation_fraction, config.seed)
     evaluation_cells = None if validation is None else first_rows(validation, MAX_EVALUATION_CELLS)
+    round_trip = None if config.early_stopping_patience is None else RoundTripDistance(
+        panel_counts(spread_rows(train, MAX_EVALUATION_CELLS), info, config.batch_size), config.seed)
 
     collator = CellCollator.from_corpus_info(info, covariates=[], max_genes=config.max_genes, seed=config.seed)
     dataloader = build_dataloader(train, config, collator, accelerator)
@@ -48,7 +54,8 @@ def train_vae(config: VAETrainingConfig, card_metrics: CardMetrics | None = None
     progress = train_loop(
         accelerator, config, model, optimizer, lr_scheduler, dataloader, vae_losses, corpus=info,
         model_config=accelerator.unwrap_model(model).config.to_dict(), generators=[collator.generator],
-        validation_loss=lambda vae: evaluate_vae(vae, evaluation_cells, info, config.batch_size)["validation_loss"],
+        validation_scores=lambda vae: evaluate_vae(vae, evaluation_cells, info, config.batch_size,
+                                                   round_trip=round_trip),
     )
 
     vae = accelerator.unwrap_model(model)
@@ -78,11 +85,52 @@ def vae_losses(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     return losses
 
 
+def spread_rows(dataset, num_rows: int):
+    """`num_rows` rows evenly spaced over a ``Dataset`` (a corpus sorted by label gives every label its share), or
+    the first `num_rows` of an ``IterableDataset``."""
+    if isinstance(dataset, datasets.Dataset) and len(dataset) > num_rows:
+        return dataset.select(np.linspace(0, len(dataset) - 1, num_rows).round().astype(int))
+    return first_rows(dataset, num_rows)
+
+
+def panel_counts(cells, info: CorpusInfo, batch_size: int) -> torch.Tensor:
+    """``[N, G]`` counts of `cells` (corpus rows) over the corpus genes."""
+    loader = DataLoader(cells, batch_size=batch_size, collate_fn=CellCollator.from_corpus_info(info, covariates=[]))
+    return torch.cat([batch["panel_counts"] for batch in loader])
+
+
+class RoundTripDistance:
+    """MMD^2 (RBF) between held-out cells and their round trips, scored as generated cells are.
+
+    The round trip is the VAE's decoded NB at each cell's own library size, counts drawn with a fixed seed; both sets
+    are log1p CP10k and projected on a 30-PC PCA fitted on `reference_counts` (training cells: neither of the two
+    compared), as `evaluate_generation` does. Early stopping on it (``early_stopping_metric: round_trip_mmd``) keeps
+    the VAE whose reconstructions are distributionally closest to real cells, not only the best NB likelihood.
+
+    Args:
+        reference_counts: ``[N, G]`` counts of training cells.
+        seed: seed of the NB draws (the same at every check, so checks differ only by the weights).
+    """
+
+    def __init__(self, reference_counts: torch.Tensor, seed: int):
+        self.pca = fit_real_pca(log_normalize(reference_counts.numpy()), seed=seed)
+        self.seed = seed
+
+    def __call__(self, counts: torch.Tensor, mean: torch.Tensor, inverse_dispersion: torch.Tensor | None) -> float:
+        """`counts`, `mean` ``[N, G]`` of the held-out cells and their decoded NB; `inverse_dispersion` broadcastable
+        to ``[N, G]`` (None: Poisson)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        round_trips = sample_negative_binomial(mean.float(), inverse_dispersion, generator=generator)
+        real, decoded = (self.pca.transform(log_normalize(matrix.numpy())) for matrix in (counts, round_trips))
+        return mmd_rbf(real, decoded)
+
+
 @torch.no_grad()
 def evaluate_vae(vae: SCVAEModel, validation, info: CorpusInfo, batch_size: int,
-                 card_metrics: CardMetrics | None = None) -> dict[str, float]:
+                 card_metrics: CardMetrics | None = None, round_trip: RoundTripDistance | None = None
+                 ) -> dict[str, float]:
     """Validation loss of (the first `MAX_EVALUATION_CELLS`) held-out cells, plus `card_metrics.reconstruction` of
-    them when given."""
+    them and their ``round_trip_mmd`` (`round_trip`) when given."""
     vae.eval()
     cells = first_rows(validation, MAX_EVALUATION_CELLS)
     loader = DataLoader(cells, batch_size=batch_size, collate_fn=CellCollator.from_corpus_info(info, covariates=[]))
@@ -96,7 +144,10 @@ def evaluate_vae(vae: SCVAEModel, validation, info: CorpusInfo, batch_size: int,
         if output.inverse_dispersion is not None:
             inverse_dispersions.append(output.inverse_dispersion.expand_as(output.mean))
     metrics = {"validation_loss": float(np.sum(losses) / len(cells))}
-    if inverse_dispersions and card_metrics is not None:
-        metrics |= card_metrics.reconstruction(torch.cat(counts).cpu(), torch.cat(means).cpu(), torch.cat(inverse_dispersions).cpu())
+    counts, means = torch.cat(counts).cpu(), torch.cat(means).cpu()
+    inverse_dispersion = torch.cat(inverse_dispersions).cpu() if inverse_dispersions else None
+    if inverse_dispersion is not None and card_metrics is not None:
+        metrics |= card_metrics.reconstruction(counts, means, inverse_dispersion)
+    if round_trip is not None:
+        metrics["round_trip_mmd"] = round_trip(counts, means, inverse_dispersion)
     return metrics
-
