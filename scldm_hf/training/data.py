@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from datasets.distributed import split_dataset_by_node
+from datasets.table import InMemoryTable
 from datasets.utils.py_utils import convert_file_size_to_int
 from torch.utils.data import DataLoader
 
@@ -145,10 +146,17 @@ def count_rows(dataset: TrainingData | None) -> int:
 
 
 def first_rows(dataset: TrainingData, num_rows: int) -> datasets.Dataset:
-    """The first `num_rows` rows of `dataset` (all if fewer), those of an ``IterableDataset`` read into memory."""
+    """The first `num_rows` rows of `dataset` (all if fewer), those of an ``IterableDataset`` read into memory as
+    Arrow record batches (not as Python rows)."""
     if isinstance(dataset, datasets.Dataset):
         return dataset.select(range(min(num_rows, len(dataset))))
-    return datasets.Dataset.from_list(list(dataset.take(num_rows)), features=dataset.features)
+    tables, num_missing = [], num_rows
+    batches = dataset.with_format("arrow").iter(batch_size=max(1, min(num_rows, SCAN_BATCH_SIZE)))
+    while num_missing > 0 and (table := next(batches, None)) is not None:  # no batch read beyond the last row
+        tables.append(table.slice(0, num_missing))
+        num_missing -= len(tables[-1])
+    rows = pa.concat_tables(tables) if tables else dataset.features.arrow_schema.empty_table()
+    return datasets.Dataset(InMemoryTable(rows), info=datasets.DatasetInfo(features=dataset.features))
 
 
 def build_dataloader(dataset: TrainingData, config: TrainingConfig, collate_fn, accelerator: Accelerator) -> DataLoader:
