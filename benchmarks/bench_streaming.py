@@ -6,8 +6,9 @@ written in our corpus layout one batch at a time (never all in memory), then eac
 tiny recipe (``training/configs/tiny.yaml``, 1 torch thread): ``vae`` trains the VAE ``--steps`` steps, ``dit``
 encodes the whole corpus into the latent cache with a tiny VAE and trains the DiT ``--steps`` steps. Each child
 reports its own peak RSS (``VmHWM``), its RSS after imports, and its peak anonymous RSS (``RssAnon`` sampled every
-20 ms: memory-mapped file pages are reclaimable page cache, anonymous ones are not). Prints a markdown table; the
-corpora and outputs live under ``--workdir`` and are deleted.
+20 ms: memory-mapped file pages are reclaimable page cache, anonymous ones are not), also per phase (the training
+functions in `TRACKED_PHASES`). Prints markdown tables; the corpora and outputs live under ``--workdir`` and are
+deleted.
 
     nice -n 5 python benchmarks/bench_streaming.py --cells 100000 2000000
 """
@@ -15,6 +16,7 @@ corpora and outputs live under ``--workdir`` and are deleted.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shutil
 import subprocess
@@ -32,6 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"
 WRITE_BATCH = 10_000
 LABELS = ["A", "B", "C", "D"]
+# functions whose peak memory is reported apart ("module" or "module:Class" -> names)
+TRACKED_PHASES = {
+    "scldm_hf.training.data": ["_cells_digest", "first_rows"],
+    "scldm_hf.training.vae": ["split_train_validation", "train_loop", "evaluate_vae"],
+    "scldm_hf.training.dit": ["split_train_validation", "encode_latent_cache", "standardize_latents", "train_loop",
+                              "pipeline_card_metrics"],
+    "scldm_hf.training.dit:CellConditioner": ["from_dataset"],
+}
 
 
 def write_synthetic_corpus(folder: Path, n_cells: int, n_genes: int, expressed: int, seed: int = 0) -> None:
@@ -60,21 +70,39 @@ def status_kb(field: str) -> int:
     return int(line.split()[1])
 
 
-class AnonymousPeak(threading.Thread):
-    """Samples this process's ``RssAnon`` every 20 ms; `peak_mb` is the largest seen."""
+class MemorySampler(threading.Thread):
+    """Samples this process's ``RssAnon`` and ``VmRSS`` every 20 ms; `peak_mb` is the largest ``RssAnon`` seen,
+    `phases` the largest of both per phase (the innermost `Phases` function running)."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak_kb, self.running = 0, True
+        self.peak_kb, self.running, self.phase, self.phases = 0, True, "other", {}
 
     def run(self):
         while self.running:
-            self.peak_kb = max(self.peak_kb, status_kb("RssAnon"))
+            anon, rss = status_kb("RssAnon"), status_kb("VmRSS")
+            self.peak_kb = max(self.peak_kb, anon)
+            peaks = self.phases.setdefault(self.phase, {"anon_mb": 0.0, "rss_mb": 0.0})
+            peaks["anon_mb"], peaks["rss_mb"] = max(peaks["anon_mb"], anon / 1024), max(peaks["rss_mb"], rss / 1024)
             time.sleep(0.02)
 
     @property
     def peak_mb(self) -> float:
         return self.peak_kb / 1024
+
+    def track(self, owner, name: str) -> None:
+        """Replace ``owner.name`` (a module function or a classmethod called on its class) by one that is phase
+        `name` while it runs."""
+        function = getattr(owner, name)
+
+        def tracked(*args, **kwargs):
+            outer, self.phase = self.phase, name
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.phase = outer
+
+        setattr(owner, name, tracked)
 
 
 def worker(stage: str, streaming: bool, corpus: str, output_dir: str, steps: int, vae_dir: str | None) -> dict:
@@ -89,7 +117,11 @@ def worker(stage: str, streaming: bool, corpus: str, output_dir: str, steps: int
                "lr_warmup_steps": 1, "checkpointing_steps": steps + 1, "logging_steps": steps, "batch_size": 64,
                "validation_fraction": 0.01, "num_threads": 1}
     import_rss = peak_rss_mb()
-    sampler = AnonymousPeak()
+    sampler = MemorySampler()
+    for owner, names in TRACKED_PHASES.items():
+        module = importlib.import_module(owner.rpartition(":")[0] or owner)
+        for name in names:
+            sampler.track(getattr(module, owner.rpartition(":")[2]) if ":" in owner else module, name)
     sampler.start()
     start = time.perf_counter()
     if stage == "vae":
@@ -101,7 +133,7 @@ def worker(stage: str, streaming: bool, corpus: str, output_dir: str, steps: int
     sampler.running = False
     sampler.join()
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "import_rss_mb": import_rss,
-            "peak_anon_mb": sampler.peak_mb, "end_file_rss_mb": status_kb("RssFile") / 1024}
+            "peak_anon_mb": sampler.peak_mb, "end_file_rss_mb": status_kb("RssFile") / 1024, "phases": sampler.phases}
 
 
 def run_child(*arguments: str) -> dict:
@@ -158,6 +190,13 @@ def main() -> None:
         print(f"| {row['stage']} | {row['mode']} | {row['cells']:,} | {row['write']['mb']:.0f} | "
               f"{row['peak_rss_mb']:.0f} | {row['import_rss_mb']:.0f} | {row['peak_rss_mb'] - row['import_rss_mb']:.0f} "
               f"| {row['peak_anon_mb']:.0f} | {row['end_file_rss_mb']:.0f} | {row['seconds']:.0f} |")
+    print("\nPeak anonymous / total RSS (MB) while each function ran (innermost; `other`: everything else):\n")
+    phases = list(dict.fromkeys(phase for row in rows for phase in row["phases"]))  # in the order first seen
+    print("| stage | read | cells | " + " | ".join(phases) + " |\n|---|---|---:|" + "---:|" * len(phases))
+    for row in rows:
+        peaks = [row["phases"].get(phase) for phase in phases]
+        print(f"| {row['stage']} | {row['mode']} | {row['cells']:,} | " + " | ".join(
+            "–" if peak is None else f"{peak['anon_mb']:.0f} / {peak['rss_mb']:.0f}" for peak in peaks) + " |")
     smallest, largest = min(args.cells), max(args.cells)
     print("\n| stage | read | peak RSS at largest / smallest | within +10 % |\n|---|---|---:|---|")
     for stage in args.stages:

@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from scldm_hf.data import encode_dataset
 from scldm_hf.models import SCVAEConfig, SCVAEModel
 from scldm_hf.training import data as training_data
-from scldm_hf.training.data import LATENT_CACHE_DIR, encode_latent_cache
+from scldm_hf.training.data import LATENT_CACHE_DIR, encode_latent_cache, split_train_validation
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,3 +59,20 @@ def test_latent_cache_is_re_encoded_when_counts_change_under_the_same_cell_ids(c
     expected = encode_dataset(vae, doubled, batch_size=BATCH_SIZE, show_progress=False)
     np.testing.assert_array_equal(cache.with_format("numpy")["latents"], expected)
     assert not np.array_equal(expected[0], encode_dataset(vae, dataset.select([0]), show_progress=False)[0])
+
+
+def test_corpus_and_latent_cache_split_into_the_rows_of_the_seeded_permutation(cells, vae, tmp_path):
+    dataset, info = cells
+    cache = encode_latent_cache(vae, dataset, info, tmp_path, BATCH_SIZE, Accelerator(cpu=True))
+    order = np.random.default_rng(7).permutation(NUM_CELLS)
+    expected = [[dataset[int(row)]["cell_id"] for row in np.sort(rows)] for rows in (order[30:], order[:30])]
+    for rows in (dataset, cache):
+        assert [split["cell_id"] for split in split_train_validation(rows, 0.2, seed=7)] == expected
+    reversed_rows = dataset.select(range(NUM_CELLS - 1, -1, -1))  # a selection splits into its own rows
+    assert split_train_validation(reversed_rows, 0.2, seed=7)[1]["cell_id"] == [
+        reversed_rows[int(row)]["cell_id"] for row in np.sort(order[:30])]
+
+    latents = cache.with_format("numpy", columns=["latents"])
+    for split, rows in zip(split_train_validation(latents, 0.2, seed=7), (order[30:], order[:30]), strict=True):
+        assert split.format == latents.format
+        np.testing.assert_array_equal(split[:]["latents"], latents[np.sort(rows)]["latents"])

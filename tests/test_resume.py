@@ -6,15 +6,17 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+from accelerate.data_loader import SeedableRandomSampler
 from safetensors.torch import load_file
 
 from scldm_hf.data import anndata_to_corpus
 from scldm_hf.errors import CheckpointError
 from scldm_hf.training import VAETrainingConfig, load_config
 from scldm_hf.training.checkpointing import TRAINING_STATE_FILE, list_checkpoints
-from scldm_hf.training.data import prepare_corpus
+from scldm_hf.training.data import build_dataloader, prepare_corpus
 from scldm_hf.training.loop import build_accelerator
 from scldm_hf.training.vae import train_vae
 
@@ -52,6 +54,20 @@ def copy_of(checkpointed, tmp_path) -> Path:
     target = tmp_path / "vae"
     shutil.copytree(checkpointed / "checkpoints" / "checkpoint-4", target / "checkpoints" / "checkpoint-4")
     return target
+
+
+def test_loader_order_is_accelerates_seeded_permutation_epoch_by_epoch(tmp_path):
+    """The loader's chunked sampler draws the rows in the order Accelerate's `SeedableRandomSampler` gives."""
+    config = vae_config(data="unused", output_dir=str(tmp_path), batch_size=16, seed=3)
+    loader = build_dataloader(datasets.Dataset.from_dict({"row": list(range(10_000))}), config,
+                              lambda rows: [row["row"] for row in rows], build_accelerator(config))
+    reference = SeedableRandomSampler(range(10_000), generator=torch.Generator(), data_seed=config.seed)
+    for epoch in (0, 1, 0):
+        loader.set_epoch(epoch)
+        reference.set_epoch(epoch)
+        order = [row for batch in loader for row in batch]
+        assert len(order) == 10_000 and order == list(reference)
+    assert order != sorted(order)
 
 
 class WritesMarker:

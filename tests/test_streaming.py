@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from accelerate import Accelerator, debug_launcher
@@ -14,7 +15,7 @@ from accelerate.state import AcceleratorState
 
 from scldm_hf.data import anndata_to_corpus, load_corpus
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
-from scldm_hf.training.data import LATENT_CACHE_DIR, build_dataloader, held_out
+from scldm_hf.training.data import LATENT_CACHE_DIR, build_dataloader, first_rows, held_out, split_train_validation
 from scldm_hf.training.dit import train_dit
 from scldm_hf.training.vae import train_vae
 
@@ -61,6 +62,19 @@ def test_two_processes_stream_disjoint_shards_that_cover_the_corpus(corpus, tmp_
         assert next_epoch != first_epoch
     file_order = list(load_corpus(corpus)[0]["cell_id"])
     assert ranks[0][0] != [cell for cell in file_order if cell in set(ranks[0][0])]  # shuffled, not file order
+
+
+@pytest.mark.parametrize("num_rows", [1, 70, NUM_CELLS + 1])
+def test_first_rows_of_a_stream_are_its_first_python_rows(corpus, num_rows):
+    """Read as Arrow record batches: the rows and features that reading Python rows gives."""
+    stream = load_corpus(corpus, streaming=True)[0]
+    for rows in (stream, stream.shuffle(seed=0, buffer_size=20), split_train_validation(stream, 0.2, seed=0)[0]):
+        expected = datasets.Dataset.from_list(list(rows.take(num_rows)), features=rows.features)
+        read = first_rows(rows, num_rows)
+        assert read.features == expected.features and len(read) == min(num_rows, len(expected)) == len(expected)
+        assert read.to_dict() == expected.to_dict()
+    empty = first_rows(stream, 0)
+    assert len(empty) == 0 and empty.features == stream.features
 
 
 def finite_losses(output_dir: Path) -> list[float]:
