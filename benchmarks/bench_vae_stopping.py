@@ -22,6 +22,7 @@ import pandas as pd
 from bench_diagnosis import load_dataset, variable_genes_of_training_cells
 from bench_generation import chosen_datasets, data_argument_parser
 
+from scldm_hf.evaluation import ProtocolCardMetrics
 from scldm_hf.training import VAETrainingConfig, load_config
 from scldm_hf.training.trackers import METRICS_FILE
 from scldm_hf.training.vae import train_vae
@@ -63,7 +64,7 @@ def train_unstopped_vae(train, label_key: str, recipe: Path, seed: int, threads:
         "data": str(train_path), "output_dir": str(workdir / "vae"), "covariates": [label_key], "seed": seed,
         "num_threads": threads, "early_stopping_patience": never, "checkpointing_steps": recipe_config.max_train_steps,
     }, section="vae")
-    train_vae(config)
+    train_vae(config, ProtocolCardMetrics())
     return logged_curves(workdir / "vae")
 
 

@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from scldm_hf.data import anndata_to_corpus, load_corpus
 from scldm_hf.errors import ConfigurationError
+from scldm_hf.evaluation import ProtocolCardMetrics
+from scldm_hf.evaluation.reconstruction import RoundTripDistance
 from scldm_hf.models import SCVAEModel
 from scldm_hf.pipelines import SCLDMPipeline
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
@@ -18,14 +20,7 @@ from scldm_hf.training.checkpointing import BEST_WEIGHTS_FILE, list_checkpoints
 from scldm_hf.training.data import LATENT_CACHE_DIR, SHARD_GLOB, open_arrow_shards, split_train_validation
 from scldm_hf.training.dit import train_dit, validation_flow_matching_loss
 from scldm_hf.training.trackers import METRICS_FILE
-from scldm_hf.training.vae import (
-    MAX_EVALUATION_CELLS,
-    RoundTripDistance,
-    evaluate_vae,
-    panel_counts,
-    spread_rows,
-    train_vae,
-)
+from scldm_hf.training.vae import MAX_EVALUATION_CELLS, evaluate_vae, panel_counts, spread_rows, train_vae
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"
@@ -96,10 +91,13 @@ def test_resumed_run_stops_at_the_same_step_with_the_same_weights(stopped_vae, c
 
 def test_vae_stops_on_the_round_trip_distance_when_asked(corpus, tmp_path):
     """``early_stopping_metric: round_trip_mmd`` watches the MMD^2 of held-out round trips (both scores are logged)
-    and keeps the weights of its best check; the saved VAE scores that MMD^2 again."""
+    and keeps the weights of its best check; the saved VAE scores that MMD^2 again. The score comes from the
+    evaluation layer, so training refuses it without `card_metrics`."""
     output_dir = tmp_path / "vae"
     config = vae_config(corpus, output_dir, early_stopping_metric="round_trip_mmd")
-    train_vae(config)
+    with pytest.raises(ConfigurationError, match="pass card_metrics="):
+        train_vae(config)
+    train_vae(config, ProtocolCardMetrics())
     distances, losses = validation_losses(output_dir, "round_trip_mmd"), validation_losses(output_dir)
     assert distances.keys() == losses.keys()
     best_step = min(distances, key=distances.get)

@@ -12,7 +12,7 @@ import torch
 from anndata import AnnData
 
 from .evaluate import FLOOR_SUFFIX, METRIC_DESCRIPTIONS, evaluate_generation, floor_description
-from .reconstruction import reconstruction_metrics
+from .reconstruction import RoundTripDistance, reconstruction_metrics
 
 
 class ProtocolCardMetrics:
@@ -21,6 +21,10 @@ class ProtocolCardMetrics:
     def reconstruction(self, counts: torch.Tensor, mean: torch.Tensor, inverse_dispersion: torch.Tensor) -> dict[str, float]:
         """`reconstruction_metrics` of held-out counts `[N, G]` against the decoder's NB (`[N, G]`, `[N, G]`)."""
         return reconstruction_metrics(counts, mean, inverse_dispersion)
+
+    def round_trip_distance(self, reference_counts: torch.Tensor, seed: int) -> RoundTripDistance:
+        """`RoundTripDistance` (MMD^2 of held-out cells and their sampled round trips, PCA of `reference_counts`)."""
+        return RoundTripDistance(reference_counts, seed)
 
     def generation(
         self,

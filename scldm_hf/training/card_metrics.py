@@ -1,14 +1,19 @@
 """`CardMetrics`: what training asks of an evaluator for its model cards, without importing the evaluation layer.
 
 `scldm_hf.evaluation.ProtocolCardMetrics` implements it; `scldm_hf.workflows` passes it to the training functions.
-Both methods return the card's metrics dict: ``{metric: value}`` plus ``{metric}_real_floor`` where a floor exists.
+`reconstruction` and `generation` return the card's metrics dict: ``{metric: value}`` plus ``{metric}_real_floor``
+where a floor exists; `round_trip_distance` gives the VAE's ``round_trip_mmd`` early-stopping score.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 from anndata import AnnData
+
+
+# (held-out counts [N, G], decoded NB mean [N, G], inverse dispersion broadcastable to [N, G] or None) -> distance
+RoundTripScore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], float]
 
 
 class CardMetrics(Protocol):
@@ -18,6 +23,10 @@ class CardMetrics(Protocol):
     def generation(self, pipeline, reference: AnnData, held_out: AnnData, condition_key: Sequence[str], *,
                    num_inference_steps: int, seed: int) -> dict[str, float]:
         """Metrics of cells generated for `held_out`'s labels against `held_out`, PCA fitted on `reference`."""
+
+    def round_trip_distance(self, reference_counts: torch.Tensor, seed: int) -> RoundTripScore:
+        """The distance (lower is better) between held-out cells and their round trips through the VAE, its
+        normalisation fitted on `reference_counts` `[N, G]` (training cells); NB draws seeded by `seed`."""
 
     def descriptions(self, names: Sequence[str]) -> dict[str, str]:
         """What each metric of `names` measures (and its ideal value), for the card's legend."""

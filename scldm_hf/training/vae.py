@@ -10,13 +10,11 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from scldm_hf.data import CellCollator, CorpusInfo
-from scldm_hf.evaluation.distribution import mmd_rbf
-from scldm_hf.evaluation.preprocessing import fit_real_pca, log_normalize
+from scldm_hf.errors import ConfigurationError
 from scldm_hf.loading import load_vae
 from scldm_hf.models import SCVAEConfig, SCVAEModel
-from scldm_hf.models.modeling_scvae import sample_negative_binomial
 
-from .card_metrics import CardMetrics
+from .card_metrics import CardMetrics, RoundTripScore
 from .config import VAETrainingConfig
 from .data import build_dataloader, count_rows, first_rows, prepare_corpus, split_train_validation
 from .hub import publish_model_folder
@@ -30,9 +28,14 @@ def train_vae(config: VAETrainingConfig, card_metrics: CardMetrics | None = None
               adata: ad.AnnData | None = None) -> SCVAEModel:
     """Train (or, with ``init_from``, fine-tune) the VAE, save it in ``config.output_dir`` and return it.
 
-    `card_metrics` adds reconstruction metrics of the held-out cells to the card (default: validation loss only).
+    `card_metrics` adds reconstruction metrics of the held-out cells to the card (default: validation loss only)
+    and, with early stopping, scores the held-out round trips (``round_trip_mmd``, logged; needed to stop on it).
     `adata`: train on these in-memory cells instead of ``config.data`` (see `prepare_corpus`).
     """
+    if config.early_stopping_metric == "round_trip_mmd" and card_metrics is None:
+        raise ConfigurationError("early_stopping_metric='round_trip_mmd' is scored by the evaluation protocol: pass "
+                                 "card_metrics=scldm_hf.evaluation.ProtocolCardMetrics() (the training scripts do), "
+                                 "or stop on validation_loss.")
     with removed_if_setup_fails(config.output_dir):
         accelerator = build_accelerator(config)
         set_seed(config.seed)
@@ -42,8 +45,10 @@ def train_vae(config: VAETrainingConfig, card_metrics: CardMetrics | None = None
         model = SCVAEModel(SCVAEConfig(gene_names=info.genes, **dataclasses.asdict(config.model)))
     train, validation = split_train_validation(dataset, config.validation_fraction, config.seed)
     evaluation_cells = None if validation is None else first_rows(validation, MAX_EVALUATION_CELLS)
-    round_trip = None if config.early_stopping_patience is None else RoundTripDistance(
-        panel_counts(spread_rows(train, MAX_EVALUATION_CELLS), info, config.batch_size), config.seed)
+    round_trip = None
+    if config.early_stopping_patience is not None and card_metrics is not None:
+        round_trip = card_metrics.round_trip_distance(
+            panel_counts(spread_rows(train, MAX_EVALUATION_CELLS), info, config.batch_size), config.seed)
 
     collator = CellCollator.from_corpus_info(info, covariates=[], max_genes=config.max_genes, seed=config.seed)
     dataloader = build_dataloader(train, config, collator, accelerator)
@@ -99,35 +104,9 @@ def panel_counts(cells, info: CorpusInfo, batch_size: int) -> torch.Tensor:
     return torch.cat([batch["panel_counts"] for batch in loader])
 
 
-class RoundTripDistance:
-    """MMD^2 (RBF) between held-out cells and their round trips, scored as generated cells are.
-
-    The round trip is the VAE's decoded NB at each cell's own library size, counts drawn with a fixed seed; both sets
-    are log1p CP10k and projected on a 30-PC PCA fitted on `reference_counts` (training cells: neither of the two
-    compared), as `evaluate_generation` does. Early stopping on it (``early_stopping_metric: round_trip_mmd``) keeps
-    the VAE whose reconstructions are distributionally closest to real cells, not only the best NB likelihood.
-
-    Args:
-        reference_counts: ``[N, G]`` counts of training cells.
-        seed: seed of the NB draws (the same at every check, so checks differ only by the weights).
-    """
-
-    def __init__(self, reference_counts: torch.Tensor, seed: int):
-        self.pca = fit_real_pca(log_normalize(reference_counts.numpy()), seed=seed)
-        self.seed = seed
-
-    def __call__(self, counts: torch.Tensor, mean: torch.Tensor, inverse_dispersion: torch.Tensor | None) -> float:
-        """`counts`, `mean` ``[N, G]`` of the held-out cells and their decoded NB; `inverse_dispersion` broadcastable
-        to ``[N, G]`` (None: Poisson)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        round_trips = sample_negative_binomial(mean.float(), inverse_dispersion, generator=generator)
-        real, decoded = (self.pca.transform(log_normalize(matrix.numpy())) for matrix in (counts, round_trips))
-        return mmd_rbf(real, decoded)
-
-
 @torch.no_grad()
 def evaluate_vae(vae: SCVAEModel, validation, info: CorpusInfo, batch_size: int,
-                 card_metrics: CardMetrics | None = None, round_trip: RoundTripDistance | None = None
+                 card_metrics: CardMetrics | None = None, round_trip: RoundTripScore | None = None
                  ) -> dict[str, float]:
     """Validation loss of (the first `MAX_EVALUATION_CELLS`) held-out cells, plus `card_metrics.reconstruction` of
     them and their ``round_trip_mmd`` (`round_trip`) when given."""
