@@ -38,6 +38,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from bench_generation import (
     chosen_datasets,
     data_argument_parser,
@@ -239,9 +240,12 @@ def stage_of_the_gap(runs: list[dict]) -> str:
 
 
 def training_length(stage_dir: Path) -> str:
-    """``"<steps run> (best <step>)"`` of a trained stage, read from its ``logs/metrics.csv``."""
+    """``"<steps run> (best <step>)"`` of a trained stage, read from its ``logs/metrics.csv``: the best check of the
+    score its early stopping watched (``early_stopping_metric`` of its ``training_config.yaml``)."""
     metrics = pd.read_csv(stage_dir / "logs" / "metrics.csv")
-    validation = metrics[metrics["metric"] == "validation_loss"]
+    watched = yaml.safe_load((stage_dir / "training_config.yaml").read_text()).get("early_stopping_metric",
+                                                                                 "validation_loss")
+    validation = metrics[metrics["metric"] == watched]
     best = int(validation.loc[validation["value"].idxmin(), "step"]) if len(validation) else None
     return f"{int(metrics['step'].max())} (best {best})"
 
