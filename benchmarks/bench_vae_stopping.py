@@ -57,13 +57,12 @@ def train_unstopped_vae(train, label_key: str, recipe: Path, seed: int, threads:
     """Train the recipe's VAE on `train` to its cap, both scores logged; returns `logged_curves`."""
     train_path = workdir / "train.h5ad"
     train.write_h5ad(train_path)
-    recipe_config = load_config(VAETrainingConfig, recipe, {"data": str(train_path), "output_dir": "unused"},
-                                section="vae")
-    never = recipe_config.max_train_steps // recipe_config.validation_steps + 1
     config = load_config(VAETrainingConfig, recipe, {
         "data": str(train_path), "output_dir": str(workdir / "vae"), "covariates": [label_key], "seed": seed,
-        "num_threads": threads, "early_stopping_patience": never, "checkpointing_steps": recipe_config.max_train_steps,
-    }, section="vae")
+        "num_threads": threads}, section="vae")
+    # scored at every check but never stopped (patience beyond the last check), one checkpoint at the end
+    config.early_stopping_patience = config.max_train_steps // config.validation_steps + 1
+    config.checkpointing_steps = config.max_train_steps
     train_vae(config, ProtocolCardMetrics())
     return logged_curves(workdir / "vae")
 

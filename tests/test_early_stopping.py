@@ -17,10 +17,16 @@ from scldm_hf.models import SCVAEModel
 from scldm_hf.pipelines import SCLDMPipeline
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
 from scldm_hf.training.checkpointing import BEST_WEIGHTS_FILE, list_checkpoints
-from scldm_hf.training.data import LATENT_CACHE_DIR, SHARD_GLOB, open_arrow_shards, split_train_validation
+from scldm_hf.training.data import (
+    LATENT_CACHE_DIR,
+    SHARD_GLOB,
+    open_arrow_shards,
+    split_train_validation,
+    spread_rows,
+)
 from scldm_hf.training.dit import train_dit, validation_flow_matching_loss
 from scldm_hf.training.trackers import METRICS_FILE
-from scldm_hf.training.vae import MAX_EVALUATION_CELLS, evaluate_vae, panel_counts, spread_rows, train_vae
+from scldm_hf.training.vae import MAX_EVALUATION_CELLS, evaluate_vae, panel_counts, train_vae
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"

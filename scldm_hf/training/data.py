@@ -177,6 +177,14 @@ def first_rows(dataset: TrainingData, num_rows: int) -> datasets.Dataset:
     return datasets.Dataset(InMemoryTable(rows), info=datasets.DatasetInfo(features=dataset.features))
 
 
+def spread_rows(dataset: TrainingData, num_rows: int) -> datasets.Dataset:
+    """`num_rows` rows evenly spaced over a ``Dataset`` (a corpus sorted by label gives every label its share), or
+    the first `num_rows` of an ``IterableDataset``."""
+    if isinstance(dataset, datasets.Dataset) and len(dataset) > num_rows:
+        return select_rows(dataset, np.linspace(0, len(dataset) - 1, num_rows).round().astype(np.int64))
+    return first_rows(dataset, num_rows)
+
+
 def build_dataloader(dataset: TrainingData, config: TrainingConfig, collate_fn, accelerator: Accelerator) -> DataLoader:
     """The training loader of this process, prepared by `accelerator` (device placement, ``set_epoch``).
 

@@ -3,8 +3,9 @@
 The loop is "infinite epochs until ``max_train_steps``" with gradient accumulation and clipping, EMA updates,
 logging every ``logging_steps``, an atomic checkpoint every ``checkpointing_steps`` and, with
 ``early_stopping_patience``, held-out scores every ``validation_steps`` (all logged) of which the watched one
-(``early_stopping_metric``) stops the run when it no longer improves, the best weights being restored. Resuming restores the step, optimizer, scheduler, EMA, RNG states, the data position
-(epoch + batches already seen in it) and early stopping's record with its best weights.
+(``early_stopping_metric``) stops the run when it no longer improves, the best weights being restored. Resuming
+restores the step, optimizer, scheduler, EMA, RNG states, the data position (epoch + batches already seen in it)
+and early stopping's record with its best weights.
 """
 
 import os

@@ -3,7 +3,6 @@
 import dataclasses
 
 import anndata as ad
-import datasets
 import numpy as np
 import torch
 from accelerate.utils import set_seed
@@ -16,7 +15,7 @@ from scldm_hf.models import SCVAEConfig, SCVAEModel
 
 from .card_metrics import CardMetrics, RoundTripScore
 from .config import VAETrainingConfig
-from .data import build_dataloader, count_rows, first_rows, prepare_corpus, split_train_validation
+from .data import build_dataloader, count_rows, first_rows, prepare_corpus, split_train_validation, spread_rows
 from .hub import publish_model_folder
 from .loop import build_accelerator, build_lr_scheduler, build_optimizer, removed_if_setup_fails, train_loop
 from .model_card import VAE_TEMPLATE, DataProvenance, render_model_card
@@ -90,18 +89,14 @@ def vae_losses(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     return losses
 
 
-def spread_rows(dataset, num_rows: int):
-    """`num_rows` rows evenly spaced over a ``Dataset`` (a corpus sorted by label gives every label its share), or
-    the first `num_rows` of an ``IterableDataset``."""
-    if isinstance(dataset, datasets.Dataset) and len(dataset) > num_rows:
-        return dataset.select(np.linspace(0, len(dataset) - 1, num_rows).round().astype(int))
-    return first_rows(dataset, num_rows)
+def evaluation_loader(cells, info: CorpusInfo, batch_size: int) -> DataLoader:
+    """`cells` (corpus rows) in order, whole cells (no gene subsampling), in batches of `batch_size`."""
+    return DataLoader(cells, batch_size=batch_size, collate_fn=CellCollator.from_corpus_info(info, covariates=[]))
 
 
 def panel_counts(cells, info: CorpusInfo, batch_size: int) -> torch.Tensor:
     """``[N, G]`` counts of `cells` (corpus rows) over the corpus genes."""
-    loader = DataLoader(cells, batch_size=batch_size, collate_fn=CellCollator.from_corpus_info(info, covariates=[]))
-    return torch.cat([batch["panel_counts"] for batch in loader])
+    return torch.cat([batch["panel_counts"] for batch in evaluation_loader(cells, info, batch_size)])
 
 
 @torch.no_grad()
@@ -112,7 +107,7 @@ def evaluate_vae(vae: SCVAEModel, validation, info: CorpusInfo, batch_size: int,
     them and their ``round_trip_mmd`` (`round_trip`) when given."""
     vae.eval()
     cells = first_rows(validation, MAX_EVALUATION_CELLS)
-    loader = DataLoader(cells, batch_size=batch_size, collate_fn=CellCollator.from_corpus_info(info, covariates=[]))
+    loader = evaluation_loader(cells, info, batch_size)
     losses, counts, means, inverse_dispersions = [], [], [], []
     for batch in loader:
         batch = {name: value.to(vae.device) for name, value in batch.items()}
