@@ -1,5 +1,6 @@
 """Early stopping on the held-out loss: a tiny run stops once the loss stops improving, saves the best check's
-weights (the EMA's for the DiT), and a run resumed from a checkpoint stops at the same step with the same weights."""
+weights (the EMA's for the DiT), and a run resumed from a checkpoint stops at the same step with the same weights.
+Either stage can instead stop on a distance of its outputs to held-out cells (round_trip_mmd, generation_mmd)."""
 
 import csv
 import shutil
@@ -15,7 +16,7 @@ from scldm_hf.evaluation import ProtocolCardMetrics
 from scldm_hf.evaluation.reconstruction import RoundTripDistance
 from scldm_hf.models import SCVAEModel
 from scldm_hf.pipelines import SCLDMPipeline
-from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
+from scldm_hf.training import DiTTrainingConfig, FinetuneConfig, VAETrainingConfig, load_config
 from scldm_hf.training.checkpointing import BEST_WEIGHTS_FILE, list_checkpoints
 from scldm_hf.training.data import (
     LATENT_CACHE_DIR,
@@ -24,7 +25,13 @@ from scldm_hf.training.data import (
     split_train_validation,
     spread_rows,
 )
-from scldm_hf.training.dit import train_dit, validation_flow_matching_loss
+from scldm_hf.training.dit import (
+    MAX_STOPPING_CELLS,
+    reference_and_held_out_cells,
+    train_dit,
+    validation_flow_matching_loss,
+)
+from scldm_hf.training.finetune import vae_finetune_config
 from scldm_hf.training.trackers import METRICS_FILE
 from scldm_hf.training.vae import MAX_EVALUATION_CELLS, evaluate_vae, panel_counts, train_vae
 
@@ -145,6 +152,39 @@ def test_dit_early_stopping_keeps_the_best_ema_weights(stopped_vae, corpus, tmp_
     loss = validation_flow_matching_loss(pipeline.transformer, validation, ["cell_type"], config.batch_size,
                                          config.seed, pipeline.vae.normalize_latents)
     assert loss == pytest.approx(losses[best_step], rel=1e-5)
+
+
+def test_dit_stops_on_the_generation_distance_when_asked(stopped_vae, corpus, tmp_path):
+    """``early_stopping_metric: generation_mmd`` watches the MMD^2 of held-out cells and cells generated for their
+    labels (both scores logged) and keeps the best check's EMA weights: the saved pipeline scores that MMD^2 again.
+    It needs the evaluation layer's card_metrics and a conditioned model."""
+    output_dir = tmp_path / "pipeline"
+    overrides = {**EARLY_STOPPING, "learning_rate": 0.02, "data": str(corpus), "vae_name_or_path": str(stopped_vae),
+                 "output_dir": str(output_dir), "early_stopping_metric": "generation_mmd", "eval_inference_steps": 4}
+    config = load_config(DiTTrainingConfig, TINY, overrides, section="dit")
+    with pytest.raises(ConfigurationError, match="card_metrics="):
+        train_dit(config)
+    with pytest.raises(ConfigurationError, match="conditioned model"):
+        train_dit(load_config(DiTTrainingConfig, TINY, {**overrides, "condition_on": []}, section="dit"),
+                  ProtocolCardMetrics())
+    train_dit(config, ProtocolCardMetrics())
+    distances, losses = validation_losses(output_dir, "generation_mmd"), validation_losses(output_dir)
+    assert distances.keys() == losses.keys()
+    assert len(set(distances.values())) > 1  # it scores the weights of each check
+    best_step = min(distances, key=distances.get)
+    assert max(distances) == best_step + PATIENCE * VALIDATION_STEPS < MAX_STEPS
+
+    dataset, info = load_corpus(corpus)
+    reference, held_out = reference_and_held_out_cells(dataset, info, ["cell_type"], config, MAX_STOPPING_CELLS)
+    score = ProtocolCardMetrics().generation_distance(reference, held_out, ["cell_type"], num_inference_steps=4,
+                                                      seed=config.seed)
+    assert score(SCLDMPipeline.from_pretrained(output_dir)) == pytest.approx(distances[best_step], rel=1e-4, abs=1e-6)
+
+
+def test_a_finetuned_vae_stops_on_its_own_loss_when_the_dit_watches_generation(tmp_path):
+    config = FinetuneConfig(output_dir=str(tmp_path), data="pbmc68k", pipeline_name_or_path="pipeline",
+                            early_stopping_patience=2, early_stopping_metric="generation_mmd")
+    assert vae_finetune_config(config, tmp_path).early_stopping_metric == "validation_loss"
 
 
 def test_early_stopping_metric_must_be_a_score_of_the_stage(corpus, tmp_path):

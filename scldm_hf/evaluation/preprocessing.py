@@ -64,6 +64,17 @@ def fit_real_pca(real_log: sp.spmatrix, n_components: int = 30, seed: int = 0) -
     return PCA(n_components=n_components, svd_solver="arpack", random_state=seed).fit(real_log)
 
 
+class ReferenceProjection:
+    """Counts `[N, G]` -> their first PCs `[N, <=30]`: log1p CP10k projected on a PCA fitted once on
+    `reference_counts` (training cells, neither of the sets a distance then compares)."""
+
+    def __init__(self, reference_counts: sp.spmatrix | np.ndarray, seed: int = 0):
+        self.pca = fit_real_pca(log_normalize(reference_counts), seed=seed)
+
+    def __call__(self, counts: sp.spmatrix | np.ndarray) -> np.ndarray:
+        return self.pca.transform(log_normalize(counts))
+
+
 def subsample_rows(array: np.ndarray | sp.spmatrix, max_rows: int, rng: np.random.Generator):
     """At most `max_rows` rows of `array`, drawn without replacement (order kept)."""
     if array.shape[0] <= max_rows:

@@ -6,7 +6,7 @@ import torch
 from ..models.modeling_scvae import negative_binomial_log_prob, normalized_log1p, sample_negative_binomial
 from .distribution import mmd_rbf
 from .genes import columnwise_pearson
-from .preprocessing import TARGET_SUM, fit_real_pca, log_normalize
+from .preprocessing import TARGET_SUM, ReferenceProjection
 
 
 def reconstruction_metrics(counts, mean, inverse_dispersion) -> dict[str, float]:
@@ -47,7 +47,7 @@ class RoundTripDistance:
     """
 
     def __init__(self, reference_counts: torch.Tensor, seed: int):
-        self.pca = fit_real_pca(log_normalize(reference_counts.numpy()), seed=seed)
+        self.project = ReferenceProjection(reference_counts.numpy(), seed=seed)
         self.seed = seed
 
     def __call__(self, counts: torch.Tensor, mean: torch.Tensor, inverse_dispersion: torch.Tensor | None) -> float:
@@ -55,5 +55,4 @@ class RoundTripDistance:
         to ``[N, G]`` (None: Poisson)."""
         generator = torch.Generator().manual_seed(self.seed)
         round_trips = sample_negative_binomial(mean.float(), inverse_dispersion, generator=generator)
-        real, decoded = (self.pca.transform(log_normalize(matrix.numpy())) for matrix in (counts, round_trips))
-        return mmd_rbf(real, decoded)
+        return mmd_rbf(self.project(counts.numpy()), self.project(round_trips.numpy()))

@@ -99,7 +99,9 @@ class TrainingConfig:
     early_stopping_metric: str = field(default="validation_loss", metadata={
         "help": "The held-out score early stopping watches (lower is better): validation_loss for either stage; "
                 "the VAE also offers round_trip_mmd, the MMD^2 between held-out cells and their sampled round trips "
-                "in a PCA of log1p CP10k fitted on training cells."})
+                "in a PCA of log1p CP10k fitted on training cells; the DiT generation_mmd, the MMD^2 between held-out "
+                "cells and cells generated for their labels (eval_inference_steps, guidance 1) in that PCA, scored only "
+                "when watched."})
     seed: int = field(default=0, metadata={"help": "Seed of weights, data order, noise and the validation split."})
     max_train_steps: int = field(default=1000, metadata={
         "help": "Optimizer steps (each of batch_size x gradient_accumulation_steps x processes cells)."})
@@ -204,6 +206,7 @@ class VAETrainingConfig(TrainingConfig):
 class DiTTrainingConfig(TrainingConfig):
     """Stage 2 (`LatentDiTTransformer` on latents of a frozen VAE), saved as a whole `SCLDMPipeline`."""
 
+    early_stopping_metrics: ClassVar[tuple[str, ...]] = ("validation_loss", "generation_mmd")
     vae_name_or_path: str | None = field(default=None, metadata={
         "help": "The stage-1 output folder (or Hub id of an SCVAEModel)."})
     model: DiTModelOptions = field(default_factory=DiTModelOptions, metadata={
@@ -226,7 +229,8 @@ class DiTTrainingConfig(TrainingConfig):
         "help": "Batch size of the one-off encoding of the corpus into cached latents."})
     num_eval_cells: int = field(default=0, metadata={
         "help": "Cells generated at the end and compared with held-out cells for the model card (0 = skip)."})
-    eval_inference_steps: int = field(default=20, metadata={"help": "Sampling steps of that evaluation."})
+    eval_inference_steps: int = field(default=20, metadata={
+        "help": "Sampling steps of that evaluation and of the generation_mmd early-stopping score."})
 
     def __post_init__(self):
         super().__post_init__()

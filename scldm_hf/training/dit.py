@@ -28,7 +28,7 @@ from scldm_hf.models.modeling_scvae import SCVAEModel
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 from scldm_hf.pipelines import SCLDMPipeline
 
-from .card_metrics import CardMetrics
+from .card_metrics import CardMetrics, GenerationScore
 from .checkpointing import TrainingProgress
 from .config import DiTTrainingConfig
 from .data import (
@@ -52,6 +52,8 @@ logger = get_logger(__name__)
 MAX_STATISTICS_CELLS = 50_000
 # training cells the card's evaluation PCA is fitted on
 MAX_REFERENCE_CELLS = 10_000
+# held-out cells the generation_mmd early-stopping score compares with
+MAX_STOPPING_CELLS = 2_000
 
 
 class FlowMatchingObjective(nn.Module):
@@ -136,13 +138,14 @@ def fit_latent_dit(
         base_model: the pipeline fine-tuned from, for the model card.
         card_metrics: scores the card's generation metrics (see `train_dit`).
     """
+    generation_score = stopping_generation_score(config, dataset, info, covariates, card_metrics)
     pipeline.vae.requires_grad_(False)
     pipeline.to(accelerator.device)
     train, validation = encode_latents(accelerator, config, pipeline.vae, dataset, info, covariates)
     if pipeline.vae.config.latents_mean is None:  # a fine-tuned pipeline keeps its own statistics
         standardize_latents(pipeline.vae, train)
-    progress = train_transformer(accelerator, config, pipeline.transformer, train, validation, info, covariates,
-                                 pipeline.vae.normalize_latents, frozen_label_rows)
+    progress = train_transformer(accelerator, config, pipeline, train, validation, info, covariates,
+                                 frozen_label_rows, generation_score)
     if accelerator.is_main_process:
         pipeline.save_pretrained(config.output_dir)
         metrics = pipeline_card_metrics(pipeline, dataset, info, validation, covariates, config, card_metrics)
@@ -173,12 +176,40 @@ def standardize_latents(vae: SCVAEModel, train: TrainingData) -> None:
     vae.set_latent_statistics(torch.from_numpy(statistics_cells[:]["latents"]))
 
 
-def train_transformer(accelerator: Accelerator, config: DiTTrainingConfig, transformer: LatentDiTTransformer,
-                      train: TrainingData, validation: TrainingData | None, info: CorpusInfo,
-                      covariates: list[str], normalize: Callable[[torch.Tensor], torch.Tensor],
-                      frozen_label_rows: Mapping[str, list[int]] | None) -> TrainingProgress:
-    """Flow-matching training of `transformer` in place on latent rows `train` of the corpus `info` (recorded in
-    checkpoints), early-stopped on the `validation` rows when configured; ends with the EMA weights copied in."""
+def stopping_generation_score(config: DiTTrainingConfig, dataset: TrainingData, info: CorpusInfo,
+                              covariates: list[str], card_metrics: CardMetrics | None) -> GenerationScore | None:
+    """``generation_mmd`` of a pipeline on (up to `MAX_STOPPING_CELLS`) held-out cells when early stopping watches it
+    (None otherwise: generating cells at every check costs more than the loss); needs `card_metrics` and labels."""
+    if config.early_stopping_patience is None or config.early_stopping_metric != "generation_mmd":
+        return None
+    if card_metrics is None or not covariates:
+        raise ConfigurationError(
+            "early_stopping_metric='generation_mmd' generates cells for the held-out cells' labels under the evaluation "
+            "protocol: it needs a conditioned model (covariates) and card_metrics=scldm_hf.evaluation."
+            "ProtocolCardMetrics() (the training scripts pass it); or stop on validation_loss.")
+    reference, held_out = reference_and_held_out_cells(dataset, info, covariates, config, MAX_STOPPING_CELLS)
+    return card_metrics.generation_distance(reference, held_out, covariates,
+                                            num_inference_steps=config.eval_inference_steps, seed=config.seed)
+
+
+def reference_and_held_out_cells(dataset: TrainingData, info: CorpusInfo, covariates: list[str],
+                                 config: DiTTrainingConfig, num_held_out: int) -> tuple[ad.AnnData, ad.AnnData]:
+    """(up to `MAX_REFERENCE_CELLS`) training cells and `num_held_out` seeded-shuffled validation cells of the
+    corpus as AnnData (counts, `covariates` in obs); the corpus splits like its latent cache."""
+    train_cells, validation_cells = split_train_validation(dataset, config.validation_fraction, config.seed)
+    held_out = first_rows(validation_cells.shuffle(seed=config.seed), num_held_out)
+    reference = first_rows(train_cells, MAX_REFERENCE_CELLS)
+    return corpus_to_anndata(reference, info, covariates), corpus_to_anndata(held_out, info, covariates)
+
+
+def train_transformer(accelerator: Accelerator, config: DiTTrainingConfig, pipeline: SCLDMPipeline,
+                      train: TrainingData, validation: TrainingData | None, info: CorpusInfo, covariates: list[str],
+                      frozen_label_rows: Mapping[str, list[int]] | None,
+                      generation_score: GenerationScore | None = None) -> TrainingProgress:
+    """Flow-matching training of ``pipeline.transformer`` in place on latent rows `train` of the corpus `info`
+    (recorded in checkpoints), early-stopped on the `validation` rows when configured (their flow-matching loss and,
+    given `generation_score`, ``generation_mmd`` of the pipeline); ends with the EMA weights copied in."""
+    transformer, normalize = pipeline.transformer, pipeline.vae.normalize_latents
     frozen_weights = [freeze_rows(transformer.covariate_embedders[name].weight, rows)
                       for name, rows in (frozen_label_rows or {}).items()]
     ema = None
@@ -198,12 +229,24 @@ def train_transformer(accelerator: Accelerator, config: DiTTrainingConfig, trans
         accelerator, config, objective, optimizer, lr_scheduler, dataloader,
         lambda model, batch: {"loss": model(batch["latents"], batch["covariates"])}, corpus=info,
         model_config=dict(transformer.config), ema=ema,
-        validation_scores=lambda model: {"validation_loss": validation_flow_matching_loss(
-            model.transformer, validation, covariates, config.batch_size, config.seed, normalize)},
+        validation_scores=lambda model: validation_scores(pipeline, validation, covariates, config, generation_score),
     )
     if ema is not None:
         ema.copy_to(accelerator.unwrap_model(objective).transformer.parameters())
     return progress
+
+
+def validation_scores(pipeline: SCLDMPipeline, validation: TrainingData, covariates: list[str],
+                      config: DiTTrainingConfig, generation_score: GenerationScore | None) -> dict[str, float]:
+    """Held-out scores of the pipeline's current transformer weights: ``validation_loss`` and ``generation_mmd``."""
+    scores = {"validation_loss": validation_flow_matching_loss(
+        pipeline.transformer, validation, covariates, config.batch_size, config.seed, pipeline.vae.normalize_latents)}
+    if generation_score is not None:
+        progress_bar_config = dict(getattr(pipeline, "_progress_bar_config", {}))
+        pipeline.set_progress_bar_config(disable=True)
+        scores["generation_mmd"] = generation_score(pipeline)
+        pipeline.set_progress_bar_config(**progress_bar_config)
+    return scores
 
 
 def publish_pipeline(config: DiTTrainingConfig, pipeline: SCLDMPipeline, info: CorpusInfo, num_train_cells: int,
@@ -244,13 +287,10 @@ def pipeline_card_metrics(pipeline: SCLDMPipeline, dataset: TrainingData, info: 
                        "(run the training scripts or `scldm train`): the card reports the loss only",
                        main_process_only=True)
         return metrics
-    train_cells, validation_cells = split_train_validation(dataset, config.validation_fraction, config.seed)
-    held_out = first_rows(validation_cells.shuffle(seed=config.seed), config.num_eval_cells)
-    reference = first_rows(train_cells, MAX_REFERENCE_CELLS)
+    reference, held_out = reference_and_held_out_cells(dataset, info, covariates, config, config.num_eval_cells)
     try:
-        return metrics | card_metrics.generation(
-            pipeline, corpus_to_anndata(reference, info, covariates), corpus_to_anndata(held_out, info, covariates),
-            covariates, num_inference_steps=config.eval_inference_steps, seed=config.seed)
+        return metrics | card_metrics.generation(pipeline, reference, held_out, covariates,
+                                                 num_inference_steps=config.eval_inference_steps, seed=config.seed)
     except ConditionError as error:
         logger.warning(f"generation metrics skipped: {error}", main_process_only=True)
         return metrics

@@ -107,4 +107,8 @@ def vae_finetune_config(config: FinetuneConfig, pretrained_dir: Path) -> VAETrai
         "max_train_steps": config.vae_max_train_steps,
         "lr_warmup_steps": min(config.lr_warmup_steps, config.vae_max_train_steps),
         "push_to_hub": False,
+        # generation_mmd scores the DiT; the VAE fine-tune then stops on its own held-out loss
+        "early_stopping_metric": (config.early_stopping_metric
+                                  if config.early_stopping_metric in VAETrainingConfig.early_stopping_metrics
+                                  else "validation_loss"),
     })
