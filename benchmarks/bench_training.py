@@ -14,6 +14,7 @@ cells/s is cells times epochs over the wall time of `SCVI.train`.
     python benchmarks/bench_training.py --quick    # G = 765 only, 3 steps, bf16 peak at 512^2
     python benchmarks/bench_training.py --recipes "demo recipe" --genes 2000 7000
     python benchmarks/bench_training.py --mixed-precision no bf16 --steps 2   # float32 and bf16 autocast steps
+    python benchmarks/bench_training.py --keep-freed-memory   # the allocator setting training applies on CPU
 """
 
 import argparse
@@ -34,6 +35,7 @@ from scldm_hf.data import CellCollator
 from scldm_hf.flow_matching import flow_matching_loss
 from scldm_hf.models import SCVAEConfig, SCVAEModel
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
+from scldm_hf.training.allocator import keep_freed_memory
 
 RECIPES = {
     "demo recipe": {"hidden_size": 32, "num_latent_tokens": 8, "latent_dim": 16, "encoder_layers": 1,
@@ -60,6 +62,8 @@ def parse_args() -> argparse.Namespace:
                         help="matrix size of the bf16 peak (smaller where the CPU has no bf16 instructions: slow)")
     parser.add_argument("--quick", action="store_true", help="G = 765 only, 3 steps, 2 scVI epochs, 512^2 bf16 peak")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="apply scldm_hf.training.allocator.keep_freed_memory first (training does, on CPU)")
     parser.add_argument("--stage2", action="store_true",
                         help="also print stage 2's costs: VAE encoding cells/s (the latent cache) and DiT steps")
     args = parser.parse_args()
@@ -168,6 +172,8 @@ def scvi_cells_per_second(counts: np.ndarray, epochs: int, batch_size: int, seed
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        print(f"keep_freed_memory applied: {keep_freed_memory() or 'none (not glibc, or set in the environment)'}")
     peak = {"float32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, args.bf16_peak_size)}
     generator = np.random.default_rng(args.seed)
     print(f"matmul peak ({args.threads} thread(s)): float32 (2048^2) {peak['float32'] / 1e9:.1f} GFLOP/s, "

@@ -51,7 +51,8 @@ RNG_STATE_FILE = "rng_state_{process}.safetensors"
 RUN_ONLY_OPTIONS = {
     "output_dir", "data", "resume_from_checkpoint", "resume_with_changes", "logging_steps", "report_to",
     "checkpointing_steps", "checkpoints_total_limit", "push_to_hub", "hub_model_id", "hub_private", "num_threads",
-    "dataloader_num_workers", "encode_batch_size", "num_eval_cells", "eval_inference_steps", "local_files_only",
+    "keep_freed_memory", "dataloader_num_workers", "encode_batch_size", "num_eval_cells", "eval_inference_steps",
+    "local_files_only",
 }
 # Seconds to wait between writing a checkpoint and committing it (fault-injection for the crash tests).
 WRITE_DELAY_ENV = "SCLDM_CHECKPOINT_WRITE_DELAY"

@@ -124,6 +124,11 @@ class TrainingConfig:
     num_threads: int | None = field(default=None, metadata={
         "help": "CPU threads torch uses per process (None: torch's default, one per core). Small models on a busy "
                 "machine often train faster on 1 thread than on contended cores."})
+    keep_freed_memory: bool = field(default=True, metadata={
+        "help": "On CPU with glibc (Linux), let the allocator keep freed memory for reuse (mallopt; environment "
+                "variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_ you set win), so large "
+                "activations are not page-faulted afresh every step: same results, fewer page faults, up to ~1.3 GiB "
+                "of freed memory kept by the process."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     checkpointing_steps: int = field(default=500, metadata={
         "help": "Write a resumable checkpoint every this many optimizer steps."})

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from scldm_hf.data import CorpusInfo
 from scldm_hf.errors import CheckpointError, ConfigurationError, InputDataError
 
+from .allocator import keep_freed_memory
 from .checkpointing import (
     TrainingProgress,
     TrainingState,
@@ -59,6 +60,8 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
     check_distributed_launch(accelerator)
+    if config.keep_freed_memory and accelerator.device.type == "cpu":
+        keep_freed_memory()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
