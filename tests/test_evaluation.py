@@ -123,6 +123,18 @@ def test_evaluation_without_a_label_shared_by_enough_cells_is_an_error(pbmc_spli
         evaluate_generation(real, generated, LABEL_KEY, reference=train)
 
 
+def test_unlabelled_cells_are_scored_without_the_cell_type_classifier(pbmc_splits):
+    """One pooled label (data without cell types): every distance is scored; the classifier, which needs two
+    labels, is left out with a note instead of failing the whole evaluation."""
+    train, test, other = (cells.copy() for cells in pbmc_splits)
+    for cells in (train, test, other):
+        cells.obs["pooled"] = "all cells"
+    table = evaluate_generation(test, other, "pooled", reference=train)
+    assert np.isfinite(table.loc["mean", ["mmd_rbf", "mmd_rbf_real_floor", "classifier_auroc"]].astype(float)).all()
+    assert "cell_type_f1_generated" not in table
+    assert any("cell_type_f1 not scored" in note for note in table.attrs["notes"])
+
+
 def test_reconstruction_metrics_reward_the_true_mean():
     rng = np.random.default_rng(0)
     mean = torch.as_tensor(rng.gamma(0.5, 4.0, size=(200, 50)), dtype=torch.float32)

@@ -171,16 +171,22 @@ def evaluate_generation(
     table.loc["mean", ["n_real", "n_generated"]] = table.drop(index="mean")[["n_real", "n_generated"]].sum()
 
     compared = {side: np.concatenate([cells[side] for cells in groups.values()]) for side in samples}
-    check_classifier_labels(samples["generated"].types[compared["generated"]], "generated", cell_type_key)
     real_log, real_pcs = samples["real"].log[compared["real"]], pcs["real"][compared["real"]]
     real_types = samples["real"].types[compared["real"]]
+    classify = len(pd.unique(samples["real"].types)) >= 2
+    if classify:
+        check_classifier_labels(samples["generated"].types[compared["generated"]], "generated", cell_type_key)
+    else:
+        notes.append(f"cell_type_f1 not scored: the real cells have one label in {cell_type_key!r} (a classifier "
+                     "needs two).")
     for side, suffix in (("generated", ""), ("floor", FLOOR_SUFFIX)):
         side_log, side_pcs = samples[side].log[compared[side]], pcs[side][compared[side]]
         table.loc["mean", "gene_correlation_all_cells" + suffix] = gene_correlation_agreement(
             real_log, side_log, n_top_genes=n_top_genes)
-        table.loc["mean", "cell_type_f1_generated" + suffix] = cell_type_f1(
-            side_pcs, samples[side].types[compared[side]], real_pcs, real_types, seed=seed)
-    if reference is not None:
+        if classify:
+            table.loc["mean", "cell_type_f1_generated" + suffix] = cell_type_f1(
+                side_pcs, samples[side].types[compared[side]], real_pcs, real_types, seed=seed)
+    if reference is not None and classify:
         table.loc["mean", "cell_type_f1_reference"] = cell_type_f1(
             pca.transform(reference.log), reference.types, real_pcs, real_types, seed=seed)
     table = table[[column for metric in METRIC_DESCRIPTIONS for column in (metric, metric + FLOOR_SUFFIX)
