@@ -29,6 +29,7 @@ and the celltypist sample, which has no labels and is scored as one pooled label
     python benchmarks/bench_diagnosis.py --data mine.h5ad --label-key cell_type --seeds 0 1 2
 """
 
+import argparse
 import json
 import tempfile
 import time
@@ -251,10 +252,11 @@ def training_length(stage_dir: Path) -> str:
 
 
 def diagnose(cells: ad.AnnData, label_key: str, seed: int, recipe: Path, overrides: dict, dit_overrides: dict,
-             workdir: Path, reuse_trained: bool = False) -> dict:
+             workdir: Path, reuse_trained: bool = False, scvi_early_stopping: bool = True) -> dict:
     """One seed: split, train both models, diagnose both; returns ``{"scores", "wall_s", "cpu_s", "steps"}``.
 
-    `reuse_trained` takes the scLDM pipeline already trained in `workdir` (a rerun of the diagnosis only).
+    `reuse_trained` takes the scLDM pipeline already trained in `workdir` (a rerun of the diagnosis only);
+    `scvi_early_stopping` False trains scVI for its whole epoch heuristic (scvi-tools' own default).
     """
     train, floor, test = variable_genes_of_training_cells(stratified_split(cells, label_key, seed=seed))
     wall, cpu = {}, {}
@@ -264,7 +266,7 @@ def diagnose(cells: ad.AnnData, label_key: str, seed: int, recipe: Path, overrid
         pipeline_dir = train_scldm(train, label_key, recipe, workdir, {**overrides, "seed": seed}, dit_overrides)
     wall["scLDM"], cpu["scLDM"] = time.perf_counter() - start, time.process_time() - cpu_start
     start, cpu_start = time.perf_counter(), time.process_time()
-    scvi = ScviGenerator(label_key, seed=seed).fit(train)
+    scvi = ScviGenerator(label_key, seed=seed, early_stopping=scvi_early_stopping).fit(train)
     wall["scVI"], cpu["scVI"] = time.perf_counter() - start, time.process_time() - cpu_start
     steps = {"VAE": training_length(workdir / "vae"), "DiT": training_length(pipeline_dir),
              "scVI epochs": len(scvi.model.history["elbo_train"])}
@@ -279,7 +281,8 @@ def run_seed(cells, label_key, seed, args, overrides, dit_overrides, workdir: Pa
     record_path = workdir / "record.json"
     if args.resume and record_path.is_file():
         return json.loads(record_path.read_text())
-    record = diagnose(cells, label_key, seed, args.recipe, overrides, dit_overrides, workdir, args.reuse_trained)
+    record = diagnose(cells, label_key, seed, args.recipe, overrides, dit_overrides, workdir, args.reuse_trained,
+                      args.scvi_early_stopping)
     workdir.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))
     return record
@@ -301,6 +304,9 @@ def main() -> None:
                         help="keep the trained models in WORKDIR/<dataset>/seed<k> (default: a temporary folder)")
     parser.add_argument("--reuse-trained", action="store_true",
                         help="with --workdir: diagnose the scLDM pipelines already trained there instead of training")
+    parser.add_argument("--scvi-early-stopping", action=argparse.BooleanOptionalAction, default=True,
+                        help="stop scVI on its held-out ELBO (default), or train it for its whole epoch heuristic "
+                             "(--no-scvi-early-stopping: scvi-tools' own default)")
     parser.add_argument("--resume", action="store_true",
                         help="with --workdir: read back the seeds already diagnosed there (WORKDIR/<dataset>/seed<k>/"
                              "record.json), e.g. seeds run by separate processes, and diagnose only the others")
