@@ -5,7 +5,7 @@ on the train cells (with that seed) and generates the test cells' label composit
 against the test cells (the evaluation protocol: PCA fitted on the train cells, equal counts per label, floor beside).
 Prints one markdown table per dataset (mean ± sd over seeds, CPU time of training + sampling per method, and the
 headline metrics scLDM wins or loses against scVI beyond the larger seed sd) and appends them to benchmarks/RESULTS.md.
-scVI runs at scvi-tools' defaults (epoch heuristic, early stopping on its held-out loss). scLDM trains with its
+scVI runs at scvi-tools' defaults (epoch heuristic, no early stopping). scLDM trains with its
 recipe, by default ``training/configs/default.yaml``: each stage early-stopped on the loss of its held-out cells
 (``early_stopping_patience``), as ``bench_diagnosis.py`` does.
 

@@ -5,7 +5,7 @@ The models compared, each generating as many cells per condition as the held-out
 third split used by no model (training cells would not do: the PCA is fitted on them, which makes them look closer
 to each other than to any unseen cells):
 - ``scLDM``: both stages trained with a recipe YAML (``training/configs/*.yaml``), sampled with `SCLDMPipeline`;
-- ``scVI``: scvi-tools' SCVI at its defaults (epoch heuristic, early stopping on held-out loss), latents from the aggregate posterior of each condition (`ScviGenerator`);
+- ``scVI``: scvi-tools' SCVI at its defaults (epoch heuristic, no early stopping), latents from the aggregate posterior of each condition (`ScviGenerator`);
 - ``naive NB``: independent per-gene negative binomials per condition (`NaiveNBBaseline`).
 
 Used by ``make demo`` (`scldm_hf.demo`) and ``benchmarks/bench_generation.py``.
