@@ -71,7 +71,7 @@ def unstopped(config: TrainingConfig) -> TrainingConfig:
     return config
 
 
-def trained_vae(train: ad.AnnData, vae_from: Path | None, workdir: Path, vae_config: VAETrainingConfig) -> Path:
+def trained_vae(train: ad.AnnData, vae_from: Path | None, vae_config: VAETrainingConfig) -> Path:
     """The recipe's VAE of these training cells: `vae_from` (checked to be trained on the same cells) or trained."""
     if vae_from is None:
         train_vae(vae_config, ProtocolCardMetrics())
@@ -93,7 +93,7 @@ def train_unstopped_stage(stage: str, train: ad.AnnData, label_key: str, args, s
     if stage == "vae":
         train_vae(unstopped(vae_config), ProtocolCardMetrics())
         return logged_curves(workdir / "vae", SCORES[stage])
-    vae_dir = trained_vae(train, vae_from, workdir, vae_config)
+    vae_dir = trained_vae(train, vae_from, vae_config)
     dit_config = load_config(DiTTrainingConfig, args.recipe, {
         **shared, "data": str(vae_dir / "corpus"), "vae_name_or_path": str(vae_dir),
         "output_dir": str(workdir / "pipeline"), "num_eval_cells": 0, **given(max_train_steps=args.dit_max_steps)},

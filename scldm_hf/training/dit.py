@@ -41,6 +41,7 @@ from .data import (
     first_rows,
     prepare_corpus,
     split_train_validation,
+    spread_rows,
 )
 from .hub import publish_model_folder
 from .loop import build_accelerator, build_lr_scheduler, build_optimizer, removed_if_setup_fails, train_loop
@@ -194,11 +195,11 @@ def stopping_generation_score(config: DiTTrainingConfig, dataset: TrainingData, 
 
 def reference_and_held_out_cells(dataset: TrainingData, info: CorpusInfo, covariates: list[str],
                                  config: DiTTrainingConfig, num_held_out: int) -> tuple[ad.AnnData, ad.AnnData]:
-    """(up to `MAX_REFERENCE_CELLS`) training cells and `num_held_out` seeded-shuffled validation cells of the
-    corpus as AnnData (counts, `covariates` in obs); the corpus splits like its latent cache."""
+    """(up to `MAX_REFERENCE_CELLS`, evenly spaced) training cells and `num_held_out` seeded-shuffled validation cells
+    of the corpus as AnnData (counts, `covariates` in obs); the corpus splits like its latent cache."""
     train_cells, validation_cells = split_train_validation(dataset, config.validation_fraction, config.seed)
     held_out = first_rows(validation_cells.shuffle(seed=config.seed), num_held_out)
-    reference = first_rows(train_cells, MAX_REFERENCE_CELLS)
+    reference = spread_rows(train_cells, MAX_REFERENCE_CELLS)
     return corpus_to_anndata(reference, info, covariates), corpus_to_anndata(held_out, info, covariates)
 
 
