@@ -11,7 +11,8 @@ train on the train cells. Each stage is then scored against the held-out test ce
   training cells' latent means and stds (scLDM: the VAE's latent statistics; scVI: posterior means of the training
   cells), the floor being the encoded floor cells; then those latents decoded at the test cells' real library sizes.
 - (c) library-size model: KS statistic and W1 of log library sizes drawn for the test labels (scLDM: its per-label
-  log-normal; scVI's generator: the library size of a random training cell of the label) against the test cells'.
+  log-normal, shifted by the latent regression for the generated latents of (b) where the pipeline has one; scVI's
+  generator: the library size of a random training cell of the label) against the test cells'.
 - (d) count noise model: the round-trip counts of (a) (same decoded means, NB draw) against the real test counts, by
   per-gene zero fraction and log1p Fano factor (variance / mean), mean absolute error over genes, per label.
 - (e) full generation, as `bench_generation.py` scores it (library sizes from each model's library-size model).
@@ -55,6 +56,7 @@ from scldm_hf.evaluation.genes import gene_moments
 from scldm_hf.evaluation.preprocessing import align_genes, condition_labels, count_matrix
 from scldm_hf.loading import load_pipeline
 from scldm_hf.models.modeling_scvae import sample_negative_binomial
+from scldm_hf.training.dit import refit_library_size_model
 from scldm_hf.workflows.side_by_side import stratified_split, train_scldm
 
 COUNT_METRICS = ("mmd_rbf", "energy_distance", "nn_accuracy", "classifier_auroc")
@@ -143,7 +145,7 @@ def diagnose_scldm(pipeline_dir, train, floor, test, label_key, seed) -> dict[st
     generated_latents = pipe(conditions={label_key: list(labels)}, output_type="latent", generator=generator).cells
     decoded = with_counts(test, pipe.decode_counts(generated_latents, test_sizes, generator), genes)
     label_ids = pipe.conditioner.encode({label_key: list(labels)})
-    sizes = pipe.conditioner.sample_library_size(label_ids, len(labels), generator).numpy()
+    sizes = pipe.sample_library_size(generated_latents, label_ids, generator).numpy()
     full = pipe(conditions={label_key: list(labels)}, generator=generator).cells
 
     def standardized(latents):
@@ -252,10 +254,12 @@ def training_length(stage_dir: Path) -> str:
 
 
 def diagnose(cells: ad.AnnData, label_key: str, seed: int, recipe: Path, overrides: dict, dit_overrides: dict,
-             workdir: Path, reuse_trained: bool = False, scvi_early_stopping: bool = False) -> dict:
+             workdir: Path, reuse_trained: bool = False, scvi_early_stopping: bool = False,
+             refit_library_size: str | None = None) -> dict:
     """One seed: split, train both models, diagnose both; returns ``{"scores", "wall_s", "cpu_s", "steps"}``.
 
-    `reuse_trained` takes the scLDM pipeline already trained in `workdir` (a rerun of the diagnosis only);
+    `reuse_trained` takes the scLDM pipeline already trained in `workdir` (a rerun of the diagnosis only), with
+    `refit_library_size` ("labels" / "latent") its library-size model refitted first (`refit_library_size_model`);
     `scvi_early_stopping` stops scVI on its held-out ELBO instead of its whole epoch heuristic (scvi-tools' default).
     """
     train, floor, test = variable_genes_of_training_cells(stratified_split(cells, label_key, seed=seed))
@@ -264,6 +268,8 @@ def diagnose(cells: ad.AnnData, label_key: str, seed: int, recipe: Path, overrid
     pipeline_dir = workdir / "pipeline"
     if not (reuse_trained and (pipeline_dir / "model_index.json").is_file()):
         pipeline_dir = train_scldm(train, label_key, recipe, workdir, {**overrides, "seed": seed}, dit_overrides)
+    elif refit_library_size:
+        refit_library_size_model(pipeline_dir, refit_library_size)
     wall["scLDM"], cpu["scLDM"] = time.perf_counter() - start, time.process_time() - cpu_start
     start, cpu_start = time.perf_counter(), time.process_time()
     scvi = ScviGenerator(label_key, seed=seed, early_stopping=scvi_early_stopping).fit(train)
@@ -282,7 +288,7 @@ def run_seed(cells, label_key, seed, args, overrides, dit_overrides, workdir: Pa
     if args.resume and record_path.is_file():
         return json.loads(record_path.read_text())
     record = diagnose(cells, label_key, seed, args.recipe, overrides, dit_overrides, workdir, args.reuse_trained,
-                      args.scvi_early_stopping)
+                      args.scvi_early_stopping, args.refit_library_size)
     workdir.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))
     return record
@@ -304,6 +310,9 @@ def main() -> None:
                         help="keep the trained models in WORKDIR/<dataset>/seed<k> (default: a temporary folder)")
     parser.add_argument("--reuse-trained", action="store_true",
                         help="with --workdir: diagnose the scLDM pipelines already trained there instead of training")
+    parser.add_argument("--refit-library-size", choices=["labels", "latent"],
+                        help="with --reuse-trained: refit the reused pipelines' library-size model (in place) on "
+                             "their own latent caches' training rows before scoring; VAE and DiT unchanged")
     parser.add_argument("--scvi-early-stopping", action=argparse.BooleanOptionalAction, default=False,
                         help="stop scVI on its held-out ELBO (the runs of sessions 8-10 did), or train it for its "
                              "whole epoch heuristic (default: scvi-tools' own)")

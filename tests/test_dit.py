@@ -301,6 +301,79 @@ def test_library_size_moments_fed_in_batches_equal_the_whole_column():
     assert pooled.groups()[0].shape == (1, 0) and pooled.groups()[1].item() == 500
 
 
+def latent_depth_cells(num_cells: int, generator: torch.Generator):
+    """Two cell types whose log library size is a type intercept plus a linear function of 6 latent features
+    (whose means also differ by type), with noise sd 0.05: `(cell_type [N], features [N, 6], library size [N],
+    true weight [6])`."""
+    cell_type = torch.randint(0, 2, (num_cells,), generator=generator)
+    features = torch.randn(num_cells, 6, generator=generator, dtype=torch.float64) + 2.0 * cell_type[:, None]
+    weight = torch.tensor([0.8, -0.5, 0.0, 0.3, 0.0, 0.1], dtype=torch.float64)
+    log_size = torch.where(cell_type == 0, np.log(2000.0), np.log(500.0)) + (features - 2.0 * cell_type[:, None]) @ weight
+    log_size += 0.05 * torch.randn(num_cells, generator=generator, dtype=torch.float64)
+    return cell_type, features, log_size.exp(), weight
+
+
+def batches_of(cell_type, features, library_size, batch_size):
+    def batches():
+        for rows in torch.arange(len(cell_type)).split(batch_size):
+            yield {"cell_type": cell_type[rows]}, library_size[rows], features[rows]
+    return batches
+
+
+def test_latent_library_size_model_learns_depth_within_each_cell_type(tmp_path):
+    """A pooled label hides depth differences between cell states; the latent model recovers the within-type
+    dependence (not the between-type shift, which the per-type log-normal keeps), batch-size independently, and
+    its draws for given latents follow it (the label-only model would draw sd ~0.9 around the type mean)."""
+    generator = torch.Generator().manual_seed(3)
+    cell_type, features, library_size, weight = latent_depth_cells(3000, generator)
+    fits = []
+    for batch_size in (3000, 401):
+        conditioner = CellConditioner(covariate_labels={"cell_type": ["T", "B"]})
+        conditioner.fit_latent_library_size(batches_of(cell_type, features, library_size, batch_size))
+        fits.append(conditioner)
+    torch.testing.assert_close(fits[0].latent_library_weight, fits[1].latent_library_weight)
+    conditioner = fits[0]
+    assert conditioner.uses_latents and conditioner.config.num_latent_features == 6
+    torch.testing.assert_close(conditioner.latent_library_weight.double(), weight, atol=0.01, rtol=0)
+    assert conditioner.group_log_var.sqrt().max() < 0.06  # what the latents leave is the noise alone
+
+    cells = torch.tensor([0] * 2000 + [1] * 2000)
+    latent_features = torch.randn(4000, 6, generator=generator) + 2.0 * cells[:, None]
+    drawn = conditioner.sample_library_size({"cell_type": cells}, 4000, generator, latent_features=latent_features)
+    expected = torch.where(cells == 0, np.log(2000.0), np.log(500.0)) + (latent_features - 2.0 * cells[:, None]).double() @ weight
+    residual = drawn.log().double() - expected
+    assert abs(float(residual.mean())) < 0.01 and float(residual.std()) < 0.07
+    far = conditioner.sample_library_size({"cell_type": cells[:1]}, 1, generator, latent_features=100 * latent_features[:1])
+    assert float(far.log()) < float(library_size.log().max()) + 0.5  # off-manifold latents are clamped
+    with pytest.raises(ConditionError, match="pass latent_features"):
+        conditioner.sample_library_size({"cell_type": cells}, 4000, generator)
+    with pytest.raises(InputDataError, match=r"\[cells, 6\]"):
+        conditioner.sample_library_size({"cell_type": cells[:2]}, 2, generator, latent_features=torch.zeros(2, 5))
+
+    conditioner.save_pretrained(tmp_path)
+    reloaded = CellConditioner.from_pretrained(tmp_path)
+    for name in ("latent_library_weight", "latent_offset_range", "group_log_mean", "group_log_var"):
+        assert torch.equal(getattr(reloaded, name), getattr(conditioner, name)), name
+
+
+def test_new_library_size_groups_keep_the_latent_weight():
+    """Fine-tuning adds the groups of new cells (a new cell type) measured after the latent model's share."""
+    generator = torch.Generator().manual_seed(4)
+    cell_type, features, library_size, _ = latent_depth_cells(2000, generator)
+    conditioner = CellConditioner(covariate_labels={"cell_type": ["T", "B"]})
+    conditioner.fit_latent_library_size(batches_of(cell_type, features, library_size, 500))
+    weight, old_means = conditioner.latent_library_weight.clone(), conditioner.group_log_mean.clone()
+    conditioner.add_labels("cell_type", ["NK"])
+    new_type = torch.full((300,), 2)
+    new_features = 0.5 * torch.randn(300, 6, generator=generator, dtype=torch.float64)  # inside the fitted range
+    new_sizes = (np.log(4000.0) + new_features @ weight.double()).exp()
+    conditioner.add_library_size_groups(batches_of(new_type, new_features, new_sizes, 128))
+    assert torch.equal(conditioner.latent_library_weight, weight)
+    assert torch.equal(conditioner.group_log_mean[:2], old_means)
+    assert conditioner.group_label_ids[2].tolist() == [2] and conditioner.config.num_library_size_groups == 3
+    assert abs(float(conditioner.group_log_mean[2]) - np.log(4000.0)) < 1e-3
+
+
 def test_conditioner_encodes_dicts_and_dataframes(conditioner):
     ids = conditioner.encode({"cell_type": ["B", "T", "B"], "condition": ["stim", "ctrl", "ctrl"]})
     assert torch.equal(ids["cell_type"], torch.tensor([1, 0, 1]))

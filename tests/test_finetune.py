@@ -14,7 +14,7 @@ from scldm_hf.models.modeling_scvae import SCVAEModel
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 from scldm_hf.pipelines import SCLDMPipeline
 from scldm_hf.training import DiTTrainingConfig, FinetuneConfig, VAETrainingConfig, load_config
-from scldm_hf.training.dit import train_dit
+from scldm_hf.training.dit import refit_library_size_model, train_dit
 from scldm_hf.training.finetune import finetune
 from scldm_hf.training.vae import train_vae
 
@@ -96,6 +96,14 @@ def test_finetune_adds_labels_and_keeps_old_labels_bit_identical(pretrained, hub
     assert not torch.equal(tuned.transformer.proj_in.weight, before.proj_in.weight)
     vae_before = SCVAEModel.from_pretrained(pretrained / "vae").state_dict()
     assert all(torch.equal(value, vae_before[name]) for name, value in tuned.vae.state_dict().items())
+    # the library-size model keeps its latent regression and old groups and gains the new labels' groups
+    old_conditioner = SCLDMPipeline.from_pretrained(pretrained).conditioner
+    assert old_conditioner.uses_latents and tuned.conditioner.uses_latents
+    assert torch.equal(tuned.conditioner.latent_library_weight, old_conditioner.latent_library_weight)
+    num_old_groups = len(old_conditioner.group_num_cells)
+    assert torch.equal(tuned.conditioner.group_log_mean[:num_old_groups], old_conditioner.group_log_mean)
+    new_group_labels = set(tuned.conditioner.group_label_ids[num_old_groups:, 0].tolist())
+    assert {num_old, num_old + 1} <= new_group_labels
 
     cells = tuned(conditions={"cell_type": ["CD14+ Monocyte", "CD19+ B", "CD56+ NK"]}, num_inference_steps=3,
                   generator=torch.Generator().manual_seed(0)).cells
@@ -134,3 +142,23 @@ def test_finetune_adds_a_new_covariate_and_tunes_the_vae(pretrained, shared_data
                   num_inference_steps=3, generator=torch.Generator().manual_seed(0)).cells
     assert cells.obs.astype(str).values.tolist() == [["CD4T", "stimulated"], ["Dendritic", "control"]]
     assert cells.X.sum(axis=1).min() > 0
+
+
+def test_refit_library_size_model_reproduces_training_and_switches_models(pretrained, tmp_path):
+    """An older pipeline can be given the latent library-size model without retraining: the refit on its latent
+    cache reproduces what training fitted; "labels" goes back to the per-label log-normals, generation unchanged
+    otherwise."""
+    folder = tmp_path / "pipeline"
+    shutil.copytree(pretrained, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    trained = SCLDMPipeline.from_pretrained(pretrained).conditioner
+    labels_only = refit_library_size_model(folder, "labels")
+    assert not labels_only.conditioner.uses_latents
+    assert not hasattr(labels_only.conditioner, "latent_library_weight")
+    refitted = refit_library_size_model(folder, "latent").conditioner
+    assert refitted.uses_latents
+    for name in ("latent_library_weight", "latent_offset_range", "group_log_mean", "group_log_var"):
+        torch.testing.assert_close(getattr(refitted, name), getattr(trained, name))
+    assert float(refitted.group_log_var.max()) < float(labels_only.conditioner.group_log_var.max())
+    cells = labels_only(conditions={"cell_type": ["CD14+ Monocyte"]}, num_cells=3, num_inference_steps=2,
+                        generator=torch.Generator().manual_seed(0)).cells
+    assert cells.shape == (3, 765) and cells.X.sum(axis=1).min() > 0

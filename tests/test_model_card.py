@@ -98,6 +98,7 @@ def test_pipeline_card_reports_generation_metrics_under_the_protocol(pushed_vae,
     assert card.data.library_name == "diffusers"
     text = card.text
     assert "**Cells:** 200 (100 for training, 100 held out for validation)" in text
+    assert "log-normal model, shifted by a linear regression on each generated latent" in text  # the default
     metrics = final_metrics(output_dir)
     assert {"validation_flow_matching_loss", "mmd_rbf", "wasserstein_2", "classifier_auroc"} <= set(metrics)
     # the card's protocol: PCA on the training cells, equal counts, the real floor (held-out cells split) beside

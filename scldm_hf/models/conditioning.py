@@ -1,9 +1,13 @@
 """Covariate vocabularies and the library-size model of an `SCLDMPipeline`.
 
 `CellConditioner` turns human-readable conditions (`{"cell_type": ["B", "NK"]}` or a DataFrame) into the label ids the
-`LatentDiTTransformer` consumes, and samples the library size the VAE decoder scales its gene means with. Label
+`LatentDiTTransformer` consumes, and samples the library size the VAE decoder scales its gene means with: a
+log-normal per label combination, optionally shifted by a linear function of the cell's (generated) latent, since a
+cell's sequencing depth follows its state within a label (a pooled atlas most of all). Label
 `covariate_labels[name][i]` has id `i`; id `len(covariate_labels[name])` is the null label, as in the transformer.
 """
+
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -18,6 +22,29 @@ from ..validation import check_conditions
 ANY_LABEL = -1  # group_label_ids entry that matches any label (e.g. a covariate added after the library-size fit)
 _MAX_LISTED_LABELS = 30
 _COLUMN_BATCH_SIZE = 65_536  # rows per read of the label and library-size columns
+LibrarySizeBatch = tuple[dict[str, torch.LongTensor], torch.Tensor, torch.Tensor]  # label ids, sizes, features
+
+
+def label_groups(covariate_names: list[str], covariates: dict[str, torch.LongTensor],
+                 num_cells: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """The distinct label combinations `[C, K]` of `num_cells` cells (label ids `{name: [n]}`, columns in
+    `covariate_names` order; one empty combination without covariates) and each cell's combination `[n]`."""
+    if not covariate_names:
+        return torch.zeros(1, 0, dtype=torch.long), torch.zeros(num_cells, dtype=torch.long)
+    label_ids = torch.stack([torch.as_tensor(covariates[name]).long().cpu() for name in covariate_names], 1)
+    return torch.unique(label_ids, dim=0, return_inverse=True)
+
+
+def log_library_size(library_size: torch.Tensor) -> torch.Tensor:
+    """log of total counts `[n]` (float64), refusing empty cells with the fix."""
+    library_size = torch.as_tensor(library_size, dtype=torch.float64).cpu()
+    num_empty = int((library_size <= 0).sum())
+    if num_empty:
+        raise InputDataError(
+            f"{num_empty} of {len(library_size)} cells have library size <= 0; a log-normal cannot be fitted. "
+            "Remove empty cells first, e.g. scanpy.pp.filter_cells(adata, min_counts=1)."
+        )
+    return library_size.log()
 
 
 class LibrarySizeMoments:
@@ -28,22 +55,14 @@ class LibrarySizeMoments:
         self.covariate_names = list(covariate_names)
         self.sums: dict[tuple[int, ...], torch.Tensor] = {}  # group label ids -> [cells, sum log, sum log^2]
 
-    def add(self, covariates: dict[str, torch.LongTensor], library_size: torch.Tensor) -> None:
-        """Add cells: label ids `{name: [n]}` of every covariate and total counts `[n]` (> 0)."""
-        library_size = torch.as_tensor(library_size, dtype=torch.float64).cpu()
-        num_empty = int((library_size <= 0).sum())
-        if num_empty:
-            raise InputDataError(
-                f"{num_empty} of {len(library_size)} cells have library size <= 0; a log-normal cannot be fitted. "
-                "Remove empty cells first, e.g. scanpy.pp.filter_cells(adata, min_counts=1)."
-            )
-        if self.covariate_names:
-            label_ids = torch.stack([torch.as_tensor(covariates[name]).long().cpu() for name in self.covariate_names], 1)
-            group_label_ids, group_of_cell = torch.unique(label_ids, dim=0, return_inverse=True)
-        else:
-            group_label_ids = torch.zeros(1, 0, dtype=torch.long)
-            group_of_cell = torch.zeros(len(library_size), dtype=torch.long)
-        log_size = library_size.log()
+    def add(self, covariates: dict[str, torch.LongTensor], library_size: torch.Tensor,
+            log_offset: torch.Tensor | None = None) -> None:
+        """Add cells: label ids `{name: [n]}` of every covariate and total counts `[n]` (> 0); `log_offset [n]`,
+        if given, is subtracted from each log library size (the latent model's share, see `CellConditioner`)."""
+        log_size = log_library_size(library_size)
+        if log_offset is not None:
+            log_size = log_size - torch.as_tensor(log_offset, dtype=torch.float64).cpu()
+        group_label_ids, group_of_cell = label_groups(self.covariate_names, covariates, len(log_size))
         batch_sums = torch.zeros(len(group_label_ids), 3, dtype=torch.float64)
         batch_sums.index_add_(0, group_of_cell, torch.stack([torch.ones_like(log_size), log_size, log_size**2], 1))
         for key, sums in zip(map(tuple, group_label_ids.tolist()), batch_sums):
@@ -59,6 +78,44 @@ class LibrarySizeMoments:
         return label_ids, num_cells, log_mean, log_var
 
 
+class LatentLibrarySizeRegression:
+    """Ridge regression of log library size on latent features within label combinations, fed batch by batch.
+
+    Solves `w = (S_ff + ridge * I)^-1 S_fl` with `S_ff [F, F]`, `S_fl [F]` the within-group scatter of the features
+    and of features with log library size (each group centred on its own means), so `w` explains the depth that
+    varies *inside* a label combination; the groups' own mean depths stay with the per-group log-normal. Holds one
+    `[F, F]` matrix and `F + 2` numbers per group, whatever the number of cells.
+    """
+
+    def __init__(self, covariate_names: list[str], num_features: int, ridge: float = 1.0):
+        self.covariate_names, self.ridge = list(covariate_names), ridge
+        self.feature_products = torch.zeros(num_features, num_features, dtype=torch.float64)
+        self.feature_log_products = torch.zeros(num_features, dtype=torch.float64)
+        self.group_sums: dict[tuple[int, ...], torch.Tensor] = {}  # key -> [cells, sum log, sum features [F]]
+
+    def add(self, covariates: dict[str, torch.LongTensor], library_size: torch.Tensor, features: torch.Tensor) -> None:
+        """Add cells: label ids `{name: [n]}`, total counts `[n]` (> 0) and latent features `[n, F]`."""
+        log_size = log_library_size(library_size)
+        features = torch.as_tensor(features, dtype=torch.float64).cpu()
+        self.feature_products += features.T @ features
+        self.feature_log_products += features.T @ log_size
+        group_label_ids, group_of_cell = label_groups(self.covariate_names, covariates, len(log_size))
+        rows = torch.cat([torch.ones_like(log_size)[:, None], log_size[:, None], features], 1)
+        batch_sums = torch.zeros(len(group_label_ids), rows.shape[1], dtype=torch.float64).index_add_(
+            0, group_of_cell, rows)
+        for key, sums in zip(map(tuple, group_label_ids.tolist()), batch_sums):
+            self.group_sums[key] = self.group_sums[key] + sums if key in self.group_sums else sums
+
+    def weight(self) -> torch.Tensor:
+        """The regression weight `[F]` (float64): log library size ~ group intercept + features @ weight."""
+        sums = torch.stack(list(self.group_sums.values()))
+        num_cells, log_sums, feature_sums = sums[:, 0], sums[:, 1], sums[:, 2:]
+        feature_scatter = self.feature_products - (feature_sums.T / num_cells) @ feature_sums
+        feature_log_scatter = self.feature_log_products - feature_sums.T @ (log_sums / num_cells)
+        ridge = self.ridge * torch.eye(len(feature_scatter), dtype=torch.float64)
+        return torch.linalg.solve(feature_scatter + ridge, feature_log_scatter)
+
+
 class CellConditioner(ModelMixin, ConfigMixin):
     r"""Covariate label vocabularies and a per-condition log-normal library-size model.
 
@@ -72,13 +129,22 @@ class CellConditioner(ModelMixin, ConfigMixin):
     covariates that are not given (or given as null) match any label, and label combinations never seen in training
     fall back to the fit over all cells.
 
+    With a latent model (`fit_latent_library_size`, `num_latent_features` F > 0) the log library size is also
+    linear in the cell's standardised, flattened latent `f [F]`: `log L = f @ latent_library_weight + u`, `u` drawn
+    from the group's log-normal, whose moments are then those of `log L - f @ latent_library_weight`
+    (`latent_library_weight [F]`, a persistent buffer). Sampling then needs each cell's latent features; their
+    offset is clamped to the range the training cells' took (`latent_offset_range [2]`), so a generated latent off
+    the training manifold (a high guidance scale) cannot draw an extreme depth.
+
     Args:
         covariate_labels (`dict[str, list[str]]`, *optional*): The labels of each covariate.
         num_library_size_groups (`int`, defaults to 1): Number `C` of groups (set by `fit_library_size`).
+        num_latent_features (`int`, defaults to 0): Length `F` of the latent model's weight; 0: labels only.
     """
 
     @register_to_config
-    def __init__(self, covariate_labels: dict[str, list[str]] | None = None, num_library_size_groups: int = 1):
+    def __init__(self, covariate_labels: dict[str, list[str]] | None = None, num_library_size_groups: int = 1,
+                 num_latent_features: int = 0):
         super().__init__()
         covariate_labels = {name: list(labels) for name, labels in (covariate_labels or {}).items()}
         self.register_to_config(covariate_labels=covariate_labels)
@@ -87,6 +153,14 @@ class CellConditioner(ModelMixin, ConfigMixin):
         self.register_buffer("group_num_cells", torch.ones(num_library_size_groups))
         self.register_buffer("group_log_mean", torch.zeros(num_library_size_groups))
         self.register_buffer("group_log_var", torch.zeros(num_library_size_groups))
+        if num_latent_features:
+            self.register_buffer("latent_library_weight", torch.zeros(num_latent_features))
+            self.register_buffer("latent_offset_range", torch.zeros(2))
+
+    @property
+    def uses_latents(self) -> bool:
+        """Whether sampled library sizes depend on the cells' latents (`fit_latent_library_size`)."""
+        return self.config.num_latent_features > 0
 
     @property
     def covariate_names(self) -> list[str]:
@@ -131,6 +205,64 @@ class CellConditioner(ModelMixin, ConfigMixin):
         moments.add(covariates, library_size)
         self.set_library_size_groups(*moments.groups())
 
+    def fit_latent_library_size(self, batches: Callable[[], Iterable[LibrarySizeBatch]], ridge: float = 1.0) -> None:
+        """Fit the latent model: the within-group ridge regression of log library size on latent features
+        (`LatentLibrarySizeRegression`), then the groups' log-normals of what it leaves. Two passes over `batches()`,
+        an iterable of `(label ids {name: [n]}, library sizes [n], latent features [n, F])` of the training cells
+        (features: standardised latents, flattened, as `SCLDMPipeline` passes them when sampling)."""
+        regression = None
+        for covariates, library_size, features in batches():
+            self._check_covariate_keys(covariates, require_all=True)
+            if regression is None:
+                regression = LatentLibrarySizeRegression(self.covariate_names, features.shape[1], ridge)
+            regression.add(covariates, library_size, features)
+        if regression is None:
+            raise InputDataError("fit_latent_library_size got no cells; pass the training cells' batches.")
+        weight = regression.weight()
+        moments = LibrarySizeMoments(self.covariate_names)
+        lowest, highest = torch.inf, -torch.inf
+        for covariates, library_size, features in batches():
+            offset = torch.as_tensor(features, dtype=torch.float64) @ weight
+            moments.add(covariates, library_size, log_offset=offset)
+            lowest, highest = min(lowest, float(offset.min())), max(highest, float(offset.max()))
+        self.register_buffer("latent_library_weight", weight.to(self.group_log_mean))
+        self.register_buffer("latent_offset_range", torch.tensor([lowest, highest]).to(self.group_log_mean))
+        self.register_to_config(num_latent_features=len(weight))
+        self.set_library_size_groups(*moments.groups())
+
+    def add_library_size_groups(self, batches: Callable[[], Iterable[LibrarySizeBatch]]) -> None:
+        """Add the groups of new training cells (one pass over `batches()`, as in `fit_latent_library_size`) to the
+        fitted ones, keeping the latent model's weight: fine-tuning on new labels.
+
+        Old groups keep their fits (covariates added since match any label); a label combination present in both old
+        and new cells is then sampled from the cell-count-weighted pool of both, as `sample_library_size` pools
+        groups. A VAE fine-tuned since keeps the weight fitted on the old latents (same standardised coordinates).
+        """
+        moments = LibrarySizeMoments(self.covariate_names)
+        for covariates, library_size, features in batches():
+            self._check_covariate_keys(covariates, require_all=True)
+            moments.add(covariates, library_size, log_offset=self.latent_log_offset(torch.as_tensor(features)).cpu())
+        label_ids, num_cells, log_mean, log_var = moments.groups()
+        self.set_library_size_groups(
+            torch.cat([self.group_label_ids, label_ids.to(self.device)]),
+            torch.cat([self.group_num_cells, num_cells.to(self.group_num_cells)]),
+            torch.cat([self.group_log_mean, log_mean.to(self.group_log_mean)]),
+            torch.cat([self.group_log_var, log_var.to(self.group_log_var)]),
+        )
+
+    def latent_log_offset(self, latent_features: torch.Tensor) -> torch.Tensor:
+        """The latent model's share `[n]` of log library size for features `[n, F]` (zeros without a latent model)."""
+        if not self.uses_latents:
+            return torch.zeros(len(latent_features), dtype=self.group_log_mean.dtype, device=self.device)
+        expected = self.config.num_latent_features
+        if latent_features.ndim != 2 or latent_features.shape[1] != expected:
+            raise InputDataError(
+                f"latent features of shape {tuple(latent_features.shape)} do not fit the library-size model, which "
+                f"takes [cells, {expected}] standardised, flattened latents (vae.normalize_latents(z).flatten(1))."
+            )
+        offset = latent_features.to(self.device, self.latent_library_weight.dtype) @ self.latent_library_weight
+        return offset.clamp(*self.latent_offset_range)  # latents off the training manifold do not extrapolate
+
     def set_library_size_groups(
         self,
         group_label_ids: torch.LongTensor,
@@ -169,9 +301,25 @@ class CellConditioner(ModelMixin, ConfigMixin):
         return label_ids
 
     def sample_library_size(
-        self, covariates: dict[str, torch.LongTensor] | None, num_cells: int, generator: torch.Generator | None = None
+        self, covariates: dict[str, torch.LongTensor] | None, num_cells: int, generator: torch.Generator | None = None,
+        latent_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Draw library sizes `[N]` for cells with label ids `{name: LongTensor [N]}` (missing or null = any)."""
+        """Draw library sizes `[N]` for cells with label ids `{name: LongTensor [N]}` (missing or null = any) and,
+        with a latent model, their latent features `[N, F]` (see the class docstring)."""
+        log_mean, log_var = self.log_library_size_distribution(covariates, num_cells, latent_features)
+        noise = torch.randn(num_cells, generator=generator, device=generator.device if generator else "cpu")
+        return torch.exp(log_mean + log_var.sqrt() * noise.to(self.device, log_mean.dtype))
+
+    def log_library_size_distribution(
+        self, covariates: dict[str, torch.LongTensor] | None, num_cells: int,
+        latent_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance `[N]` of the normal log library size of each cell that `sample_library_size` draws."""
+        if self.uses_latents and latent_features is None:
+            raise ConditionError(
+                "This library-size model depends on each cell's latent; pass latent_features "
+                "(vae.normalize_latents(latents).flatten(1)), as SCLDMPipeline.sample_counts does."
+            )
         covariates = covariates or {}
         matches = torch.ones(num_cells, len(self.group_num_cells), dtype=torch.bool, device=self.device)
         for column, name in enumerate(self.covariate_names):
@@ -185,8 +333,9 @@ class CellConditioner(ModelMixin, ConfigMixin):
         total = weights.sum(dim=1)
         log_mean = weights @ self.group_log_mean / total
         log_var = weights @ (self.group_log_var + self.group_log_mean**2) / total - log_mean**2
-        noise = torch.randn(num_cells, generator=generator, device=generator.device if generator else "cpu")
-        return torch.exp(log_mean + log_var.clamp_min(0).sqrt() * noise.to(self.device, log_mean.dtype))
+        if latent_features is not None:
+            log_mean = log_mean + self.latent_log_offset(latent_features)
+        return log_mean, log_var.clamp_min(0)
 
     def add_labels(self, name: str, labels: list[str]) -> None:
         """Append `labels` to covariate `name`; old label ids are unchanged (their library-size fits too)."""

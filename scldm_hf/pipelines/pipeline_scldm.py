@@ -320,9 +320,17 @@ class SCLDMPipeline(DiffusionPipeline):
     def sample_counts(
         self, latents: torch.Tensor, covariates: dict[str, torch.LongTensor], generator: torch.Generator | None = None
     ) -> sp.csr_matrix:
-        """Counts (CSR int32 `[B, G]`) of VAE latents `[B, T, D]` at library sizes drawn for their label ids `[B]`."""
-        library_size = self.conditioner.sample_library_size(covariates, len(latents), generator)
+        """Counts (CSR int32 `[B, G]`) of VAE latents `[B, T, D]` at library sizes drawn for their label ids `[B]`
+        (and, where the conditioner has a latent library-size model, for the latents themselves)."""
+        library_size = self.sample_library_size(latents, covariates, generator)
         return self.decode_counts(latents, library_size.to(latents.device), generator)
+
+    def sample_library_size(
+        self, latents: torch.Tensor, covariates: dict[str, torch.LongTensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Library sizes `[B]` the conditioner draws for VAE latents `[B, T, D]` with label ids `{name: [B]}`."""
+        features = self.vae.normalize_latents(latents).flatten(1) if self.conditioner.uses_latents else None
+        return self.conditioner.sample_library_size(covariates, len(latents), generator, latent_features=features)
 
     def provenance(
         self, generator: torch.Generator | None, guidance_scale: float | dict[str, float], num_inference_steps: int,

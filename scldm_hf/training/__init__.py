@@ -30,6 +30,7 @@ STAGES = {
 _EXPORTS = {
     "train_vae": "scldm_hf.training.vae",
     "train_dit": "scldm_hf.training.dit",
+    "refit_library_size_model": "scldm_hf.training.dit",
     "finetune": "scldm_hf.training.finetune",
     "push_folder_to_hub": "scldm_hf.training.hub",
     "DataProvenance": "scldm_hf.training.model_card",

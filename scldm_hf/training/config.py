@@ -227,6 +227,10 @@ class DiTTrainingConfig(TrainingConfig):
         "help": "Pairing of noise and latents in a batch: independent draws (the released scLDM); minibatch_ot, the "
                 "exact optimal-transport plan of the batch (straighter paths, for fewer sampling steps); "
                 "minibatch_ot_by_label, that plan within each group of cells with the same labels."})
+    library_size_model: Literal["labels", "latent"] = field(default="latent", metadata={
+        "help": "Library sizes of generated cells: labels, a log-normal per label combination; latent, that "
+                "log-normal shifted by a ridge regression on the cell's latent (depth follows cell state within a "
+                "label). Fine-tuning keeps the pretrained pipeline's model and adds groups for new labels."})
     use_ema: bool = field(default=True, metadata={
         "help": "Keep an exponential moving average of the DiT weights; the EMA weights are saved."})
     ema_decay: float = field(default=0.999, metadata={"help": "Decay of the EMA."})

@@ -8,9 +8,11 @@ is fitted on the training cells; the DiT is trained with an EMA of its weights; 
 import dataclasses
 import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import anndata as ad
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
@@ -20,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from scldm_hf.data import CorpusInfo
+from scldm_hf.data.corpus import SHARD_GLOB, open_arrow_shards
 from scldm_hf.errors import ConditionError, ConfigurationError
 from scldm_hf.flow_matching import Coupling, DropoutMode, flow_matching_loss
 from scldm_hf.loading import load_vae
@@ -32,6 +35,7 @@ from .card_metrics import CardMetrics, GenerationScore
 from .checkpointing import TrainingProgress
 from .config import DiTTrainingConfig
 from .data import (
+    LATENT_CACHE_DIR,
     LatentCollator,
     TrainingData,
     build_dataloader,
@@ -43,7 +47,7 @@ from .data import (
     split_train_validation,
     spread_rows,
 )
-from .hub import publish_model_folder
+from .hub import TRAINING_CONFIG_FILE, publish_model_folder
 from .loop import build_accelerator, build_lr_scheduler, build_optimizer, removed_if_setup_fails, train_loop
 from .model_card import PIPELINE_TEMPLATE, DataProvenance, render_model_card
 
@@ -55,6 +59,8 @@ MAX_STATISTICS_CELLS = 50_000
 MAX_REFERENCE_CELLS = 10_000
 # held-out cells the generation_mmd early-stopping score compares with
 MAX_STOPPING_CELLS = 2_000
+# latent rows per batch of the library-size fit
+LIBRARY_SIZE_BATCH_CELLS = 4_096
 
 
 class FlowMatchingObjective(nn.Module):
@@ -145,6 +151,7 @@ def fit_latent_dit(
     train, validation = encode_latents(accelerator, config, pipeline.vae, dataset, info, covariates)
     if pipeline.vae.config.latents_mean is None:  # a fine-tuned pipeline keeps its own statistics
         standardize_latents(pipeline.vae, train)
+    fit_library_size_model(pipeline, train, covariates, config.library_size_model, extend=base_model is not None)
     progress = train_transformer(accelerator, config, pipeline, train, validation, info, covariates,
                                  frozen_label_rows, generation_score)
     if accelerator.is_main_process:
@@ -163,11 +170,13 @@ def fit_latent_dit(
 def encode_latents(accelerator: Accelerator, config: DiTTrainingConfig, vae: SCVAEModel, dataset: TrainingData,
                    info: CorpusInfo, covariates: list[str]) -> tuple[TrainingData, TrainingData | None]:
     """The latent cache of `dataset` (``<output_dir>/latent_cache``, streamed with ``config.streaming``), split into
-    (train, validation) like the corpus; rows hold the ``latents`` and `covariates` as numpy values."""
+    (train, validation) like the corpus; rows hold the ``latents``, ``library_size`` and `covariates` as numpy
+    values."""
     cache = encode_latent_cache(vae, dataset, info, config.output_dir, config.encode_batch_size, accelerator,
                                 streaming=config.streaming)
     splits = split_train_validation(cache, config.validation_fraction, config.seed)
-    return tuple(None if rows is None else rows.select_columns(["latents", *covariates]).with_format("numpy")
+    return tuple(None if rows is None else
+                 rows.select_columns(["latents", "library_size", *covariates]).with_format("numpy")
                  for rows in splits)
 
 
@@ -175,6 +184,52 @@ def standardize_latents(vae: SCVAEModel, train: TrainingData) -> None:
     """Write per-coordinate latent means and stds of (the first `MAX_STATISTICS_CELLS`) training cells into the VAE."""
     statistics_cells = first_rows(train, MAX_STATISTICS_CELLS).with_format("numpy")
     vae.set_latent_statistics(torch.from_numpy(statistics_cells[:]["latents"]))
+
+
+def fit_library_size_model(pipeline: SCLDMPipeline, train: TrainingData, covariates: list[str],
+                           library_size_model: str, extend: bool) -> None:
+    """Fit the conditioner's library-size model on the training latent rows (`library_size_model` "latent": the
+    latent regression; "labels": the per-label log-normals `train_dit` fitted already), or with `extend`
+    (fine-tuning) add the new cells' label groups to the pretrained model, whichever kind it is. Streams `train`."""
+    conditioner = pipeline.conditioner
+
+    def batches():
+        for batch in train.iter(batch_size=LIBRARY_SIZE_BATCH_CELLS):
+            features = pipeline.vae.normalize_latents(torch.as_tensor(batch["latents"])).flatten(1)
+            yield ({name: torch.as_tensor(batch[name]) for name in conditioner.covariate_names},
+                   torch.as_tensor(batch["library_size"]), features)
+
+    if extend:
+        missing = sorted(set(conditioner.covariate_names) - set(covariates))
+        if missing:
+            logger.warning(f"the new data lacks covariates {missing}: library sizes of its labels use the pooled fit",
+                           main_process_only=True)
+            return
+        conditioner.add_library_size_groups(batches)
+    elif library_size_model == "latent":
+        conditioner.fit_latent_library_size(batches)
+
+
+def refit_library_size_model(pipeline_dir: str | Path, library_size_model: str = "latent") -> SCLDMPipeline:
+    """Refit the library-size model of a pipeline trained by `train_dit` in `pipeline_dir` (e.g. one trained before
+    the latent model existed) on the training rows of its own latent cache, split as its training split them, and
+    save the pipeline in place (with the current model code). The VAE and DiT weights are unchanged. Returns the
+    reloaded pipeline."""
+    pipeline_dir = Path(pipeline_dir)
+    cache_dir = pipeline_dir / LATENT_CACHE_DIR
+    if not cache_dir.is_dir():
+        raise ConfigurationError(f"{pipeline_dir} has no {LATENT_CACHE_DIR}/: only a pipeline trained by train_dit "
+                                 "in that folder (with its latent cache kept) can be refitted.")
+    recipe = yaml.safe_load((pipeline_dir / TRAINING_CONFIG_FILE).read_text())
+    pipeline = SCLDMPipeline.from_pretrained(pipeline_dir)
+    covariates = pipeline.conditioner.covariate_names
+    cache = open_arrow_shards(sorted(cache_dir.glob(SHARD_GLOB)))
+    train = split_train_validation(cache, recipe["validation_fraction"], recipe["seed"])[0]
+    train = train.select_columns(["latents", "library_size", *covariates]).with_format("numpy")
+    pipeline.register_modules(conditioner=CellConditioner.from_dataset(train, covariates))
+    fit_library_size_model(pipeline, train, covariates, library_size_model, extend=False)
+    pipeline.save_pretrained(pipeline_dir)
+    return SCLDMPipeline.from_pretrained(pipeline_dir)
 
 
 def stopping_generation_score(config: DiTTrainingConfig, dataset: TrainingData, info: CorpusInfo,
@@ -261,6 +316,7 @@ def publish_pipeline(config: DiTTrainingConfig, pipeline: SCLDMPipeline, info: C
         PIPELINE_TEMPLATE, config, provenance, metrics, library_name="diffusers", base_model=base_model,
         metric_descriptions=metric_descriptions,
         example_conditions=json.dumps(example_conditions, ensure_ascii=False) if labels else None,
+        latent_library_size=pipeline.conditioner.uses_latents,
     ))
 
 

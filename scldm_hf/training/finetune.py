@@ -10,18 +10,15 @@ import dataclasses
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
-import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from scldm_hf.loading import load_pipeline, resolve_model_path
-from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.pipelines import SCLDMPipeline
 
 from .card_metrics import CardMetrics
 from .config import FinetuneConfig, TrainingConfig, VAETrainingConfig
-from .data import align_covariate_labels, prepare_corpus, split_train_validation
+from .data import align_covariate_labels, prepare_corpus
 from .dit import conditioned_covariates, fit_latent_dit
 from .loop import build_accelerator, removed_if_setup_fails
 from .vae import train_vae
@@ -52,8 +49,6 @@ def finetune(config: FinetuneConfig, card_metrics: CardMetrics | None = None,
     add_new_labels(pipeline, {name: info.covariates[name] for name in covariates})
     labels = pipeline.conditioner.config.covariate_labels
     dataset = align_covariate_labels(dataset, {name: labels[name] for name in covariates})
-    train = split_train_validation(dataset, config.validation_fraction, config.seed)[0]
-    add_library_size_groups(pipeline.conditioner, train, covariates)
 
     frozen_rows = None
     if config.freeze_existing_labels:
@@ -75,26 +70,6 @@ def add_new_labels(pipeline: SCLDMPipeline, data_labels: dict[str, list[str]]) -
         if new_labels:
             logger.info(f"covariate {name!r}: adding labels {new_labels}", main_process_only=True)
             pipeline.add_condition_labels(name, new_labels)
-
-
-def add_library_size_groups(conditioner: CellConditioner, train, covariates: list[str]) -> None:
-    """Add the library-size groups of the new training cells to the conditioner's fitted groups.
-
-    Old groups keep their fits (covariates added since match any label); a label combination present in both old
-    and new cells is then sampled from the cell-count-weighted pool of both, as `sample_library_size` pools groups.
-    Needs the data to carry every covariate of the conditioner; otherwise the old fit is kept unchanged.
-    """
-    missing = sorted(set(conditioner.covariate_names) - set(covariates))
-    if missing:
-        logger.warning(f"the new data lacks covariates {missing}: library sizes of its labels use the pooled fit",
-                       main_process_only=True)
-        return
-    fitted = CellConditioner(covariate_labels=conditioner.config.covariate_labels)
-    fitted.fit_library_size({name: torch.as_tensor(np.asarray(train[name])) for name in conditioner.covariate_names},
-                            torch.as_tensor(np.asarray(train["library_size"])))
-    for buffer in ("group_label_ids", "group_num_cells", "group_log_mean", "group_log_var"):
-        setattr(conditioner, buffer, torch.cat([getattr(conditioner, buffer), getattr(fitted, buffer)]))
-    conditioner.register_to_config(num_library_size_groups=len(conditioner.group_num_cells))
 
 
 def vae_finetune_config(config: FinetuneConfig, pretrained_dir: Path) -> VAETrainingConfig:
