@@ -14,6 +14,7 @@ from accelerate import Accelerator, debug_launcher
 from accelerate.state import AcceleratorState
 
 from scldm_hf.data import anndata_to_corpus, load_corpus
+from scldm_hf.pipelines import SCLDMPipeline
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
 from scldm_hf.training.data import LATENT_CACHE_DIR, build_dataloader, first_rows, held_out, split_train_validation
 from scldm_hf.training.dit import train_dit
@@ -97,6 +98,8 @@ def test_both_stages_train_from_a_streamed_corpus(corpus, tmp_path):
 
     num_validation = int(held_out(load_corpus(corpus)[0]["cell_id"], 0.2, seed=0).sum())
     assert 0 < num_validation < NUM_CELLS
+    conditioner = SCLDMPipeline.from_pretrained(pipeline_dir).conditioner  # latent library-size model, streamed
+    assert conditioner.uses_latents and int(conditioner.group_num_cells.sum()) == NUM_CELLS - num_validation
     for card in (vae_dir / "README.md", pipeline_dir / "README.md"):
         text = card.read_text()
         assert f"({NUM_CELLS - num_validation} for training, {num_validation} held out" in text, card

@@ -300,8 +300,10 @@ def validation_scores(pipeline: SCLDMPipeline, validation: TrainingData, covaria
     if generation_score is not None:
         progress_bar_config = dict(getattr(pipeline, "_progress_bar_config", {}))
         pipeline.set_progress_bar_config(disable=True)
-        scores["generation_mmd"] = generation_score(pipeline)
-        pipeline.set_progress_bar_config(**progress_bar_config)
+        try:
+            scores["generation_mmd"] = generation_score(pipeline)
+        finally:  # an error inside the check leaves the user's progress bars as they were
+            pipeline.set_progress_bar_config(**progress_bar_config)
     return scores
 
 
