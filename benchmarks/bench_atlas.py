@@ -100,7 +100,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker_convert(*args.worker)))
         return
-    print(f"| cells | genes | values | conversion s | cells/s | peak RSS MB (after imports) |\n|---:|---:|---:|---:|---:|---:|")
+    print("| cells | genes | values | conversion s | cells/s | peak RSS MB (after imports) |\n|---:|---:|---:|---:|---:|---:|")
     for n_cells in args.cells:
         r = benchmark(n_cells, args.genes, args.expressed, Path(args.workdir))
         print(f"| {r['cells']:,} | {args.genes:,} | {r['values']:,} | {r['seconds']:.1f} | "

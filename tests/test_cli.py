@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
 
 from scldm_hf.cli import build_parser, main
 from scldm_hf.data import GeneVocab, load_corpus

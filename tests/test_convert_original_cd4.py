@@ -6,8 +6,6 @@ would (`vae_model.*`, `diffusion_model.nnet.*`, `ema_model.ema_model.nnet.*`), c
 VAE reads every gene densely, the DiT conditions on all covariates at once (`condition_strategy: joint`).
 """
 
-from pathlib import Path
-
 import anndata as ad
 import numpy as np
 import pandas as pd

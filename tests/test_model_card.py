@@ -9,7 +9,6 @@ import csv
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 
 from scldm_hf.evaluation import ProtocolCardMetrics

@@ -16,7 +16,6 @@ from pathlib import Path
 import anndata as ad
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
