@@ -299,6 +299,13 @@ def test_library_size_moments_fed_in_batches_equal_the_whole_column():
     pooled = LibrarySizeMoments([])
     pooled.add({}, library_size)
     assert pooled.groups()[0].shape == (1, 0) and pooled.groups()[1].item() == 500
+    # a label seen in a single cell borrows the pooled within-group variance instead of drawing one depth
+    with_single = LibrarySizeMoments(["cell_type"])
+    with_single.add({"cell_type": torch.tensor([0, 0, 0, 1])}, torch.tensor([100.0, 200.0, 400.0, 50.0]))
+    _, num_cells, _, log_var = with_single.groups()
+    assert num_cells.tolist() == [3, 1]
+    torch.testing.assert_close(log_var[1], log_var[0])
+    assert float(log_var[0]) > 0
 
 
 def latent_depth_cells(num_cells: int, generator: torch.Generator):

@@ -69,11 +69,17 @@ class LibrarySizeMoments:
             self.sums[key] = self.sums[key] + sums if key in self.sums else sums
 
     def groups(self) -> tuple[torch.LongTensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Label ids `[C, K]` (sorted), cell counts `[C]`, log library-size mean and variance `[C]` of the groups."""
+        """Label ids `[C, K]` (sorted), cell counts `[C]`, log library-size mean and variance `[C]` of the groups.
+
+        A group of a single cell has no variance of its own: it takes the pooled within-group variance of the
+        others (so its cells are not all drawn at one depth)."""
         keys = sorted(self.sums)
         sums = torch.stack([self.sums[key] for key in keys])
         num_cells, log_mean = sums[:, 0], sums[:, 1] / sums[:, 0]
         log_var = (sums[:, 2] / num_cells - log_mean**2).clamp_min(0)
+        single, measured = num_cells < 2, num_cells >= 2
+        if single.any() and measured.any():
+            log_var[single] = (num_cells[measured] * log_var[measured]).sum() / num_cells[measured].sum()
         label_ids = torch.tensor(keys, dtype=torch.long).reshape(len(keys), len(self.covariate_names))
         return label_ids, num_cells, log_mean, log_var
 
@@ -120,8 +126,8 @@ class CellConditioner(ModelMixin, ConfigMixin):
     r"""Covariate label vocabularies and a per-condition log-normal library-size model.
 
     The library-size model keeps, for every combination of labels seen among the training cells (a *group*), the
-    number of cells and the mean and variance of their log library size (persistent buffers, columns in
-    `covariate_names` order):
+    number of cells and the mean and variance of their log library size (a group of one cell: the pooled
+    within-group variance; persistent buffers, columns in `covariate_names` order):
 
         group_label_ids [C, K]   group_num_cells [C]   group_log_mean [C]   group_log_var [C]
 
