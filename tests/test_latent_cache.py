@@ -9,7 +9,12 @@ from accelerate import Accelerator
 from scldm_hf.data import encode_dataset
 from scldm_hf.models import SCVAEConfig, SCVAEModel
 from scldm_hf.training import data as training_data
-from scldm_hf.training.data import LATENT_CACHE_DIR, encode_latent_cache, split_train_validation
+from scldm_hf.training.data import (
+    LATENT_CACHE_DIR,
+    batches_in_storage_order,
+    encode_latent_cache,
+    split_train_validation,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -76,3 +81,21 @@ def test_corpus_and_latent_cache_split_into_the_rows_of_the_seeded_permutation(c
     for split, rows in zip(split_train_validation(latents, 0.2, seed=7), (order[30:], order[:30]), strict=True):
         assert split.format == latents.format
         np.testing.assert_array_equal(split[:]["latents"], latents[np.sort(rows)]["latents"])
+
+
+def test_storage_order_batches_hold_exactly_the_selected_rows(cells, vae, tmp_path):
+    """The stage-2 library-size fit reads every training latent through `batches_in_storage_order`: the split's
+    rows, each once, in their format, whatever the batch size (also for an unsorted selection, and a stream)."""
+    dataset, info = cells
+    cache = encode_latent_cache(vae, dataset, info, tmp_path, BATCH_SIZE, Accelerator(cpu=True))
+    train = split_train_validation(cache, 0.2, seed=7)[0].select_columns(["latents", "cell_id"]).with_format("numpy")
+    for batch_size in (7, 200):
+        batches = list(batches_in_storage_order(train, batch_size))
+        assert all(batch["latents"].dtype == np.float32 and batch["latents"].shape[1:] == (3, 4) for batch in batches)
+        np.testing.assert_array_equal(np.concatenate([batch["latents"] for batch in batches]), train[:]["latents"])
+        assert np.concatenate([batch["cell_id"] for batch in batches]).tolist() == train["cell_id"]
+    shuffled = cache.select([5, 1, 9]).with_format("numpy", columns=["cell_id"])
+    assert [cell for batch in batches_in_storage_order(shuffled, 2) for cell in batch["cell_id"]] == [
+        cache[row]["cell_id"] for row in (1, 5, 9)]
+    streamed = cache.to_iterable_dataset().with_format("numpy")
+    assert sum(len(batch["cell_id"]) for batch in batches_in_storage_order(streamed, 64)) == NUM_CELLS

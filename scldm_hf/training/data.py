@@ -185,6 +185,27 @@ def spread_rows(dataset: TrainingData, num_rows: int) -> datasets.Dataset:
     return first_rows(dataset, num_rows)
 
 
+def batches_in_storage_order(rows: TrainingData, batch_size: int) -> Iterator[dict]:
+    """Batches (in `rows`' format) of every row of `rows`, read in storage order: a pass over all training cells.
+
+    Through a ``Dataset`` selection's indices mapping (a split's rows) a sequential pass is ~40x slower than
+    reading the table itself (200,000 rows of ``[8, 16]`` latents: 37 s vs 0.9 s), so a selection is read as its
+    whole table, batch by batch, keeping the selected rows (an unsorted selection's rows thus come in storage
+    order). An unselected ``Dataset`` or an ``IterableDataset`` is iterated as is.
+    """
+    if isinstance(rows, datasets.IterableDataset) or rows._indices is None:
+        yield from rows.iter(batch_size=batch_size)
+        return
+    table = datasets.Dataset(rows.data, info=rows.info).with_format(**rows.format)
+    selected = np.zeros(len(table), dtype=bool)
+    selected[rows._indices.column(0).to_numpy()] = True
+    for start in range(0, len(table), batch_size):
+        keep = selected[start:start + batch_size]
+        if keep.any():
+            batch = table[start:start + batch_size]
+            yield {name: np.asarray(values)[keep] for name, values in batch.items()}
+
+
 def build_dataloader(dataset: TrainingData, config: TrainingConfig, collate_fn, accelerator: Accelerator) -> DataLoader:
     """The training loader of this process, prepared by `accelerator` (device placement, ``set_epoch``).
 

@@ -38,6 +38,7 @@ from .data import (
     LATENT_CACHE_DIR,
     LatentCollator,
     TrainingData,
+    batches_in_storage_order,
     build_dataloader,
     corpus_to_anndata,
     count_rows,
@@ -194,7 +195,7 @@ def fit_library_size_model(pipeline: SCLDMPipeline, train: TrainingData, covaria
     conditioner = pipeline.conditioner
 
     def batches():
-        for batch in train.iter(batch_size=LIBRARY_SIZE_BATCH_CELLS):
+        for batch in batches_in_storage_order(train, LIBRARY_SIZE_BATCH_CELLS):
             features = pipeline.vae.normalize_latents(torch.as_tensor(batch["latents"])).flatten(1)
             yield ({name: torch.as_tensor(batch[name]) for name in conditioner.covariate_names},
                    torch.as_tensor(batch["library_size"]), features)
