@@ -25,14 +25,18 @@ _COLUMN_BATCH_SIZE = 65_536  # rows per read of the label and library-size colum
 LibrarySizeBatch = tuple[dict[str, torch.LongTensor], torch.Tensor, torch.Tensor]  # label ids, sizes, features
 
 
-def label_groups(covariate_names: list[str], covariates: dict[str, torch.LongTensor],
-                 num_cells: int) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """The distinct label combinations `[C, K]` of `num_cells` cells (label ids `{name: [n]}`, columns in
-    `covariate_names` order; one empty combination without covariates) and each cell's combination `[n]`."""
-    if not covariate_names:
-        return torch.zeros(1, 0, dtype=torch.long), torch.zeros(num_cells, dtype=torch.long)
-    label_ids = torch.stack([torch.as_tensor(covariates[name]).long().cpu() for name in covariate_names], 1)
-    return torch.unique(label_ids, dim=0, return_inverse=True)
+def add_group_sums(sums: dict[tuple[int, ...], torch.Tensor], covariate_names: list[str],
+                   covariates: dict[str, torch.LongTensor], rows: torch.Tensor) -> None:
+    """Add each cell's row of `rows [n, S]` to the running sums `[S]` of its label combination in `sums` (keyed by
+    label ids in `covariate_names` order; one empty key without covariates), given label ids `{name: [n]}`."""
+    if covariate_names:
+        label_ids = torch.stack([torch.as_tensor(covariates[name]).long().cpu() for name in covariate_names], 1)
+        group_label_ids, group_of_cell = torch.unique(label_ids, dim=0, return_inverse=True)
+    else:
+        group_label_ids, group_of_cell = torch.zeros(1, 0, dtype=torch.long), torch.zeros(len(rows), dtype=torch.long)
+    batch_sums = torch.zeros(len(group_label_ids), rows.shape[1], dtype=rows.dtype).index_add_(0, group_of_cell, rows)
+    for key, row_sums in zip(map(tuple, group_label_ids.tolist()), batch_sums):
+        sums[key] = sums[key] + row_sums if key in sums else row_sums
 
 
 def log_library_size(library_size: torch.Tensor) -> torch.Tensor:
@@ -62,11 +66,8 @@ class LibrarySizeMoments:
         log_size = log_library_size(library_size)
         if log_offset is not None:
             log_size = log_size - torch.as_tensor(log_offset, dtype=torch.float64).cpu()
-        group_label_ids, group_of_cell = label_groups(self.covariate_names, covariates, len(log_size))
-        batch_sums = torch.zeros(len(group_label_ids), 3, dtype=torch.float64)
-        batch_sums.index_add_(0, group_of_cell, torch.stack([torch.ones_like(log_size), log_size, log_size**2], 1))
-        for key, sums in zip(map(tuple, group_label_ids.tolist()), batch_sums):
-            self.sums[key] = self.sums[key] + sums if key in self.sums else sums
+        add_group_sums(self.sums, self.covariate_names, covariates,
+                       torch.stack([torch.ones_like(log_size), log_size, log_size**2], 1))
 
     def groups(self) -> tuple[torch.LongTensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Label ids `[C, K]` (sorted), cell counts `[C]`, log library-size mean and variance `[C]` of the groups.
@@ -105,12 +106,8 @@ class LatentLibrarySizeRegression:
         features = torch.as_tensor(features, dtype=torch.float64).cpu()
         self.feature_products += features.T @ features
         self.feature_log_products += features.T @ log_size
-        group_label_ids, group_of_cell = label_groups(self.covariate_names, covariates, len(log_size))
-        rows = torch.cat([torch.ones_like(log_size)[:, None], log_size[:, None], features], 1)
-        batch_sums = torch.zeros(len(group_label_ids), rows.shape[1], dtype=torch.float64).index_add_(
-            0, group_of_cell, rows)
-        for key, sums in zip(map(tuple, group_label_ids.tolist()), batch_sums):
-            self.group_sums[key] = self.group_sums[key] + sums if key in self.group_sums else sums
+        add_group_sums(self.group_sums, self.covariate_names, covariates,
+                       torch.cat([torch.ones_like(log_size)[:, None], log_size[:, None], features], 1))
 
     def weight(self) -> torch.Tensor:
         """The regression weight `[F]` (float64): log library size ~ group intercept + features @ weight."""
