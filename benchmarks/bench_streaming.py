@@ -40,7 +40,6 @@ TRACKED_PHASES = {
     "scldm_hf.training.vae": ["split_train_validation", "train_loop", "evaluate_vae"],
     "scldm_hf.training.dit": ["split_train_validation", "encode_latent_cache", "standardize_latents",
                               "fit_library_size_model", "train_loop", "pipeline_card_metrics"],
-    "scldm_hf.training.dit:CellConditioner": ["from_dataset"],
 }
 
 

@@ -233,6 +233,11 @@ class CellConditioner(ModelMixin, ConfigMixin):
         self.register_to_config(num_latent_features=len(weight))
         self.set_library_size_groups(*moments.groups())
 
+    def fit_library_size_groups(self, batches: Callable[[], Iterable[LibrarySizeBatch]]) -> None:
+        """Refit every group in one pass over `batches()` (as in `fit_latent_library_size`; without a latent model
+        the features are not read): `fit_library_size` for cells read batch by batch."""
+        self.set_library_size_groups(*self._group_moments(batches))
+
     def add_library_size_groups(self, batches: Callable[[], Iterable[LibrarySizeBatch]]) -> None:
         """Add the groups of new training cells (one pass over `batches()`, as in `fit_latent_library_size`) to the
         fitted ones, keeping the latent model's weight: fine-tuning on new labels.
@@ -241,17 +246,21 @@ class CellConditioner(ModelMixin, ConfigMixin):
         and new cells is then sampled from the cell-count-weighted pool of both, as `sample_library_size` pools
         groups. A VAE fine-tuned since keeps the weight fitted on the old latents (same standardised coordinates).
         """
-        moments = LibrarySizeMoments(self.covariate_names)
-        for covariates, library_size, features in batches():
-            self._check_covariate_keys(covariates, require_all=True)
-            moments.add(covariates, library_size, log_offset=self.latent_log_offset(torch.as_tensor(features)).cpu())
-        label_ids, num_cells, log_mean, log_var = moments.groups()
+        label_ids, num_cells, log_mean, log_var = self._group_moments(batches)
         self.set_library_size_groups(
             torch.cat([self.group_label_ids, label_ids.to(self.device)]),
             torch.cat([self.group_num_cells, num_cells.to(self.group_num_cells)]),
             torch.cat([self.group_log_mean, log_mean.to(self.group_log_mean)]),
             torch.cat([self.group_log_var, log_var.to(self.group_log_var)]),
         )
+
+    def _group_moments(self, batches: Callable[[], Iterable[LibrarySizeBatch]]) -> tuple:
+        """`LibrarySizeMoments.groups()` of the cells of `batches()` after the latent model's share."""
+        moments = LibrarySizeMoments(self.covariate_names)
+        for covariates, library_size, features in batches():
+            self._check_covariate_keys(covariates, require_all=True)
+            moments.add(covariates, library_size, log_offset=self.latent_log_offset(torch.as_tensor(features)).cpu())
+        return moments.groups()
 
     def latent_log_offset(self, latent_features: torch.Tensor) -> torch.Tensor:
         """The latent model's share `[n]` of log library size for features `[n, F]` (zeros without a latent model)."""

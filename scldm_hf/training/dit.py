@@ -107,9 +107,9 @@ def train_dit(config: DiTTrainingConfig, card_metrics: CardMetrics | None = None
         covariate_num_labels={name: len(info.covariates[name]) for name in covariates},
         **dataclasses.asdict(config.model),
     )
-    train_cells = split_train_validation(dataset, config.validation_fraction, config.seed)[0]
+    conditioner = CellConditioner(covariate_labels={name: list(info.covariates[name]) for name in covariates})
     pipeline = SCLDMPipeline(vae=vae, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-                             conditioner=CellConditioner.from_dataset(train_cells, covariates))
+                             conditioner=conditioner)
     return fit_latent_dit(accelerator, config, pipeline, dataset, info, covariates, card_metrics=card_metrics)
 
 
@@ -190,8 +190,8 @@ def standardize_latents(vae: SCVAEModel, train: TrainingData) -> None:
 def fit_library_size_model(pipeline: SCLDMPipeline, train: TrainingData, covariates: list[str],
                            library_size_model: str, extend: bool) -> None:
     """Fit the conditioner's library-size model on the training latent rows (`library_size_model` "latent": the
-    latent regression; "labels": the per-label log-normals `train_dit` fitted already), or with `extend`
-    (fine-tuning) add the new cells' label groups to the pretrained model, whichever kind it is. Streams `train`."""
+    latent regression; "labels": the per-label log-normals alone), or with `extend` (fine-tuning) add the new cells'
+    label groups to the pretrained model, whichever kind it is. Streams `train`."""
     conditioner = pipeline.conditioner
 
     def batches():
@@ -209,6 +209,8 @@ def fit_library_size_model(pipeline: SCLDMPipeline, train: TrainingData, covaria
         conditioner.add_library_size_groups(batches)
     elif library_size_model == "latent":
         conditioner.fit_latent_library_size(batches)
+    else:
+        conditioner.fit_library_size_groups(batches)
 
 
 def refit_library_size_model(pipeline_dir: str | Path, library_size_model: str = "latent") -> SCLDMPipeline:
@@ -227,7 +229,8 @@ def refit_library_size_model(pipeline_dir: str | Path, library_size_model: str =
     cache = open_arrow_shards(sorted(cache_dir.glob(SHARD_GLOB)))
     train = split_train_validation(cache, recipe["validation_fraction"], recipe["seed"])[0]
     train = train.select_columns(["latents", "library_size", *covariates]).with_format("numpy")
-    pipeline.register_modules(conditioner=CellConditioner.from_dataset(train, covariates))
+    labels = pipeline.conditioner.config.covariate_labels
+    pipeline.register_modules(conditioner=CellConditioner(covariate_labels=labels))
     fit_library_size_model(pipeline, train, covariates, library_size_model, extend=False)
     pipeline.save_pretrained(pipeline_dir)
     return SCLDMPipeline.from_pretrained(pipeline_dir)
