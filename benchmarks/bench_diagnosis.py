@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 import yaml
 from bench_generation import (
+    DATASETS,
     chosen_datasets,
     data_argument_parser,
     load_dataset,
@@ -292,6 +293,17 @@ def run_seed(cells, label_key, seed, args, overrides, dit_overrides, workdir: Pa
     workdir.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))
     return record
+
+
+def workdir_argument_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that reads a diagnosis workdir's trained seeds: --workdir, --datasets, --seeds,
+    --threads (callers set ``torch.set_num_threads(args.threads)``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workdir", type=Path, required=True, help="a bench_diagnosis.py --workdir")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1)
+    return parser
 
 
 def given(**options) -> dict:

@@ -18,13 +18,12 @@ library-size models have not seen them.
     python benchmarks/bench_library_size.py --workdir /work/diag --datasets kang2018 celltypist pbmc68k --seeds 0 1 2
 """
 
-import argparse
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import torch
-from bench_generation import DATASETS
+from bench_diagnosis import workdir_argument_parser
 
 from scldm_hf.data import encode_dataset
 from scldm_hf.evaluation import evaluate_generation
@@ -105,11 +104,7 @@ def table(per_seed: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, required=True, help="a bench_diagnosis.py --workdir")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1)
+    parser = workdir_argument_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.datasets:

@@ -361,19 +361,44 @@ def test_multi_process_launch_without_cpu_flag_is_refused(monkeypatch, tmp_path)
         build_accelerator(config)
 
 
-def test_coupling_option_round_trips_through_recipe_command_line_and_saved_training_config(tmp_path):
+@pytest.mark.parametrize("option, default, in_recipe, on_command_line, unknown", [
+    ("coupling", "independent", "minibatch_ot", "minibatch_ot_by_label", "sinkhorn"),  # the released scLDM's draws
+    ("timestep_sampling", "uniform", "logit_normal", "uniform", "cosine"),  # the released scLDM's noise levels
+])
+def test_dit_option_round_trips_through_recipe_command_line_and_saved_training_config(
+        tmp_path, option, default, in_recipe, on_command_line, unknown):
     from scldm_hf.training.model_card import portable_config
 
-    assert tiny_config(DiTTrainingConfig, "dit").coupling == "independent"  # the released scLDM's draws
+    assert getattr(tiny_config(DiTTrainingConfig, "dit"), option) == default
     recipe, recipe_values = tmp_path / "recipe.yaml", yaml.safe_load(TINY.read_text())
-    recipe_values["dit"]["coupling"] = "minibatch_ot"
+    recipe_values["dit"][option] = in_recipe
     recipe.write_text(yaml.safe_dump(recipe_values))
-    assert load_config(DiTTrainingConfig, recipe, section="dit").coupling == "minibatch_ot"
-    config = RecipeParser(DiTTrainingConfig, "dit").parse(["--config", str(recipe), "--coupling",
-                                                           "minibatch_ot_by_label"])
-    assert config.coupling == "minibatch_ot_by_label"
+    assert getattr(load_config(DiTTrainingConfig, recipe, section="dit"), option) == in_recipe
+    config = RecipeParser(DiTTrainingConfig, "dit").parse(["--config", str(recipe), f"--{option}", on_command_line])
+    assert getattr(config, option) == on_command_line
     saved = tmp_path / "training_config.yaml"  # what publish_model_folder writes beside the pipeline
     saved.write_text(yaml.safe_dump(portable_config(config)))
-    assert yaml.safe_load(saved.read_text())["coupling"] == "minibatch_ot_by_label"
-    with pytest.raises(ConfigurationError, match="coupling='sinkhorn' is not one of"):
-        tiny_config(DiTTrainingConfig, "dit", coupling="sinkhorn")
+    assert yaml.safe_load(saved.read_text())[option] == on_command_line
+    with pytest.raises(ConfigurationError, match=f"{option}='{unknown}' is not one of"):
+        tiny_config(DiTTrainingConfig, "dit", **{option: unknown})
+
+
+def test_timestep_sampling_option_reaches_the_training_loss():
+    from scldm_hf.flow_matching import flow_matching_loss
+    from scldm_hf.training.dit import FlowMatchingObjective
+
+    transformer = LatentDiTTransformer(num_latent_tokens=2, latent_dim=4, covariate_num_labels={"cell_type": 3},
+                                       hidden_size=16, num_layers=1, num_attention_heads=2)
+    with torch.no_grad():  # off the zero-initialised output layer, whose prediction does not depend on the noise level
+        for parameter in transformer.parameters():
+            parameter.normal_(std=0.2, generator=torch.Generator().manual_seed(1))
+    latents, labels = torch.randn(32, 2, 4), {"cell_type": torch.randint(0, 3, (32,))}
+
+    def seeded(loss):
+        torch.manual_seed(0)
+        return loss()
+
+    objective = FlowMatchingObjective(transformer, 0.1, "joint", "independent", "logit_normal")
+    trained = seeded(lambda: objective(latents, labels))
+    torch.testing.assert_close(trained, seeded(lambda: flow_matching_loss(transformer, latents, labels, "logit_normal")))
+    assert not torch.equal(trained, seeded(lambda: flow_matching_loss(transformer, latents, labels, "uniform")))

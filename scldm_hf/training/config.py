@@ -26,7 +26,7 @@ from transformers import HfArgumentParser, PreTrainedConfig
 from transformers.utils.auto_docstring import parse_docstring
 
 from scldm_hf.errors import ConfigurationError
-from scldm_hf.flow_matching import Coupling, DropoutMode
+from scldm_hf.flow_matching import Coupling, DropoutMode, TimestepSampling
 from scldm_hf.models.configuration_scvae import SCVAEConfig
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 
@@ -227,6 +227,9 @@ class DiTTrainingConfig(TrainingConfig):
         "help": "Pairing of noise and latents in a batch: independent draws (the released scLDM); minibatch_ot, the "
                 "exact optimal-transport plan of the batch (straighter paths, for fewer sampling steps); "
                 "minibatch_ot_by_label, that plan within each group of cells with the same labels."})
+    timestep_sampling: TimestepSampling = field(default="uniform", metadata={
+        "help": "Distribution of the training noise levels: uniform (the released scLDM) or logit_normal "
+                "(sigmoid of a standard normal, SD3), which trains the middle noise levels more."})
     library_size_model: Literal["labels", "latent"] = field(default="latent", metadata={
         "help": "Library sizes of generated cells: labels, a log-normal per label combination; latent, that "
                 "log-normal shifted by a ridge regression on the cell's latent (depth follows cell state within a "

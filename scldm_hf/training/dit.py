@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from scldm_hf.data import CorpusInfo
 from scldm_hf.data.corpus import SHARD_GLOB, open_arrow_shards
 from scldm_hf.errors import ConditionError, ConfigurationError
-from scldm_hf.flow_matching import Coupling, DropoutMode, flow_matching_loss
+from scldm_hf.flow_matching import Coupling, DropoutMode, TimestepSampling, flow_matching_loss
 from scldm_hf.loading import load_vae
 from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.models.modeling_scvae import SCVAEModel
@@ -71,16 +71,17 @@ class FlowMatchingObjective(nn.Module):
     """
 
     def __init__(self, transformer: LatentDiTTransformer, condition_dropout: float, dropout_mode: DropoutMode,
-                 coupling: Coupling):
+                 coupling: Coupling, timestep_sampling: TimestepSampling = "uniform"):
         super().__init__()
         self.transformer = transformer
         self.condition_dropout = condition_dropout
         self.dropout_mode = dropout_mode
         self.coupling = coupling
+        self.timestep_sampling = timestep_sampling
 
     def forward(self, latents: torch.Tensor, covariates: dict[str, torch.LongTensor]) -> torch.Tensor:
         return flow_matching_loss(
-            self.transformer, latents, covariates,
+            self.transformer, latents, covariates, timestep_sampling=self.timestep_sampling,
             condition_dropout=self.condition_dropout, dropout_mode=self.dropout_mode, coupling=self.coupling,
         )
 
@@ -277,7 +278,7 @@ def train_transformer(accelerator: Accelerator, config: DiTTrainingConfig, pipel
         ema = EMAModel(transformer.parameters(), decay=config.ema_decay, model_cls=LatentDiTTransformer,
                        model_config=transformer.config)
     objective = FlowMatchingObjective(transformer, config.condition_dropout, config.condition_dropout_mode,
-                                      config.coupling)
+                                      config.coupling, config.timestep_sampling)
     dataloader = build_dataloader(train, config, LatentCollator(covariates, normalize=normalize), accelerator)
     optimizer = build_optimizer(objective, config, frozen_from_decay=frozen_weights)
     lr_scheduler = build_lr_scheduler(optimizer, config, accelerator.num_processes)
