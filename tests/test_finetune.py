@@ -10,6 +10,7 @@ import torch
 from huggingface_hub import ModelCard, constants
 
 from scldm_hf.data import anndata_to_corpus
+from scldm_hf.errors import ConfigurationError
 from scldm_hf.models.modeling_scvae import SCVAEModel
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 from scldm_hf.pipelines import SCLDMPipeline
@@ -162,3 +163,5 @@ def test_refit_library_size_model_reproduces_training_and_switches_models(pretra
     cells = labels_only(conditions={"cell_type": ["CD14+ Monocyte"]}, num_cells=3, num_inference_steps=2,
                         generator=torch.Generator().manual_seed(0)).cells
     assert cells.shape == (3, 765) and cells.X.sum(axis=1).min() > 0
+    with pytest.raises(ConfigurationError, match="library_size_model='lat' is not one of"):
+        refit_library_size_model(folder, "lat")  # a typo used to fit the labels model silently

@@ -57,6 +57,9 @@ VAEModelOptions = _model_options("VAEModelOptions", SCVAEConfig, [
     and spec.name not in ("gene_names", "latents_mean", "latents_std")
 ])
 # the latent shape comes from the VAE, the label counts from the corpus
+LibrarySizeModel = Literal["labels", "latent"]
+LIBRARY_SIZE_MODELS = typing.get_args(LibrarySizeModel)
+
 DiTModelOptions = _model_options("DiTModelOptions", LatentDiTTransformer, [
     (parameter.name, parameter.annotation, parameter.default)
     for parameter in list(inspect.signature(LatentDiTTransformer).parameters.values())
@@ -230,7 +233,7 @@ class DiTTrainingConfig(TrainingConfig):
     timestep_sampling: TimestepSampling = field(default="uniform", metadata={
         "help": "Distribution of the training noise levels: uniform (the released scLDM) or logit_normal "
                 "(sigmoid of a standard normal, SD3), which trains the middle noise levels more."})
-    library_size_model: Literal["labels", "latent"] = field(default="latent", metadata={
+    library_size_model: LibrarySizeModel = field(default="latent", metadata={
         "help": "Library sizes of generated cells: labels, a log-normal per label combination; latent, that "
                 "log-normal shifted by a ridge regression on the cell's latent (depth follows cell state within a "
                 "label). Fine-tuning keeps the pretrained pipeline's model and adds groups for new labels."})

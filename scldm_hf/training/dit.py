@@ -33,7 +33,7 @@ from scldm_hf.pipelines import SCLDMPipeline
 
 from .card_metrics import CardMetrics, GenerationScore
 from .checkpointing import TrainingProgress
-from .config import DiTTrainingConfig
+from .config import LIBRARY_SIZE_MODELS, DiTTrainingConfig, LibrarySizeModel
 from .data import (
     LATENT_CACHE_DIR,
     LatentCollator,
@@ -189,7 +189,7 @@ def standardize_latents(vae: SCVAEModel, train: TrainingData) -> None:
 
 
 def fit_library_size_model(pipeline: SCLDMPipeline, train: TrainingData, covariates: list[str],
-                           library_size_model: str, extend: bool) -> None:
+                           library_size_model: LibrarySizeModel, extend: bool) -> None:
     """Fit the conditioner's library-size model on the training latent rows (`library_size_model` "latent": the
     latent regression; "labels": the per-label log-normals alone), or with `extend` (fine-tuning) add the new cells'
     label groups to the pretrained model, whichever kind it is. Streams `train`."""
@@ -214,11 +214,13 @@ def fit_library_size_model(pipeline: SCLDMPipeline, train: TrainingData, covaria
         conditioner.fit_library_size_groups(batches)
 
 
-def refit_library_size_model(pipeline_dir: str | Path, library_size_model: str = "latent") -> SCLDMPipeline:
+def refit_library_size_model(pipeline_dir: str | Path, library_size_model: LibrarySizeModel = "latent") -> SCLDMPipeline:
     """Refit the library-size model of a pipeline trained by `train_dit` in `pipeline_dir` (e.g. one trained before
     the latent model existed) on the training rows of its own latent cache, split as its training split them, and
     save the pipeline in place (with the current model code). The VAE and DiT weights are unchanged. Returns the
     reloaded pipeline."""
+    if library_size_model not in LIBRARY_SIZE_MODELS:
+        raise ConfigurationError(f"library_size_model={library_size_model!r} is not one of {LIBRARY_SIZE_MODELS}.")
     pipeline_dir = Path(pipeline_dir)
     cache_dir = pipeline_dir / LATENT_CACHE_DIR
     if not cache_dir.is_dir():
