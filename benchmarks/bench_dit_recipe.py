@@ -26,7 +26,7 @@ import anndata as ad
 import torch
 import yaml
 from bench_diagnosis import workdir_argument_parser
-from bench_guidance import LATENT_METRICS, METRICS, latent_cache_split, score_pipeline
+from bench_guidance import SCORE_COLUMNS, latent_cache_split, memorised_line, score_pipeline
 from bench_library_size import mean_sd
 from bench_stopping import logged_curves
 
@@ -84,17 +84,13 @@ def scored_variant(seed_dir: Path, name: str, options: dict, train: ad.AnnData) 
 
 def variants_table(records: dict[str, list[dict]]) -> str:
     """Markdown, one row per variant: mean ± sd over seeds of every score."""
-    columns = [f"latent {metric}" for metric in LATENT_METRICS] + list(METRICS)
-    header = ["variant", "steps (best)", "held-out loss", *columns]
+    header = ["variant", "steps (best)", "held-out loss", *SCORE_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, runs in records.items():
         steps = ", ".join(f"{run['steps']} ({run['best_step']})" for run in runs)
-        lines.append("| " + " | ".join([name, steps, mean_sd([run["best_loss"] for run in runs]),
-                                        *(mean_sd([run["scores"][column] for run in runs]) for column in columns)])
-                     + " |")
-    trained = ", ".join(f"{metric} {mean_sd([run['scores'][f'training {metric}'] for run in records[RECIPE]])}"
-                        for metric in LATENT_METRICS)
-    return "\n".join(lines) + f"\n\nThe training cells' latents against the validation cells: {trained}."
+        scores = [mean_sd([run["scores"][column] for run in runs]) for column in SCORE_COLUMNS]
+        lines.append("| " + " | ".join([name, steps, mean_sd([run["best_loss"] for run in runs]), *scores]) + " |")
+    return "\n".join(lines) + "\n\n" + memorised_line([run["scores"] for run in records[RECIPE]])
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ SAMPLING_SEEDS = (0, 1, 2)
 METRICS = ("mmd_rbf", "energy_distance", "nn_accuracy", "classifier_auroc")
 SCHEDULERS = ("euler", "heun", "dopri5")
 LATENT_METRICS = ("MMD²", "energy")
+SCORE_COLUMNS = (*(f"latent {metric}" for metric in LATENT_METRICS), *METRICS)  # of `score_pipeline`'s tables
 
 
 def scheduler_named(name: str, config):
@@ -54,16 +55,23 @@ def latent_cache_split(pipeline_dir: Path):
     return split_train_validation(cache, recipe["validation_fraction"], recipe["seed"])
 
 
-def latent_score_sets(pipe, train: ad.AnnData, pipeline_dir: Path):
+def latent_score_sets(pipe, train: ad.AnnData, training_rows, validation_rows):
     """``(validation latents, their labels, training latents, their labels)``: the VAE's standardised, flattened
-    latents `[N, T * D]` of the pipeline's latent cache, labels by `train`'s obs."""
+    latents `[N, T * D]` of the pipeline's latent-cache rows (`latent_cache_split`), labels by `train`'s obs."""
     (label_key,) = pipe.conditioner.covariate_names
     sets = []
-    for rows in latent_cache_split(pipeline_dir)[::-1]:
+    for rows in (validation_rows, training_rows):
         latents = torch.as_tensor(np.stack(rows.with_format("numpy")["latents"]), dtype=torch.float32)
         sets += [pipe.vae.normalize_latents(latents).flatten(1).numpy(),
                  train.obs.loc[list(rows["cell_id"]), label_key].astype(str).to_numpy()]
     return sets
+
+
+def memorised_line(per_seed: list[dict[str, float]]) -> str:
+    """The sentence under a table of `score_pipeline` scores (one dict per seed): the training cells' latent scores."""
+    scores = ", ".join(f"{metric} {mean_sd([scores[f'training {metric}'] for scores in per_seed])}"
+                       for metric in LATENT_METRICS)
+    return f"The training cells' latents against the validation cells (a DiT that memorised them): {scores}."
 
 
 def score_pipeline(pipeline_dir: Path, train: ad.AnnData, settings) -> dict[tuple, dict[str, float]]:
@@ -75,10 +83,12 @@ def score_pipeline(pipeline_dir: Path, train: ad.AnnData, settings) -> dict[tupl
     pipe.set_progress_bar_config(disable=True)
     covariates = pipe.conditioner.covariate_names
     (label_key,) = covariates
-    held_out = train.obs_names.isin(list(latent_cache_split(pipeline_dir)[1]["cell_id"]))
+    training_rows, validation_rows = latent_cache_split(pipeline_dir)
+    held_out = train.obs_names.isin(list(validation_rows["cell_id"]))
     real, reference = train[held_out].copy(), train[~held_out].copy()
     conditions = real.obs[covariates].astype(str).loc[real.obs.index.repeat(GENERATED_PER_CELL)].reset_index(drop=True)
-    real_latents, real_labels, trained_latents, trained_labels = latent_score_sets(pipe, train, pipeline_dir)
+    real_latents, real_labels, trained_latents, trained_labels = latent_score_sets(pipe, train, training_rows,
+                                                                                   validation_rows)
     default_scheduler, scores = pipe.scheduler, {}
     for guidance, steps, scheduler in settings:
         pipe.scheduler = scheduler_named(scheduler, default_scheduler.config)
@@ -112,10 +122,9 @@ def main() -> None:
                         help="samplers; dopri5 chooses its own steps (run once, steps column 'adaptive')")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = [(guidance, steps if scheduler != "dopri5" else 1, scheduler)
+    settings = [(guidance, steps, scheduler)
                 for guidance, scheduler in itertools.product(args.guidance, args.schedulers)
                 for steps in (args.steps if scheduler != "dopri5" else [1])]
-    columns = [f"latent {metric}" for metric in LATENT_METRICS] + list(METRICS)
     for name in args.datasets:
         per_seed = []
         for seed in args.seeds:
@@ -123,17 +132,16 @@ def main() -> None:
             print(f"{name} seed {seed}", flush=True)
             per_seed.append(score_pipeline(folder / "pipeline", ad.read_h5ad(folder / "train.h5ad"), settings))
         num_cells = len(latent_cache_split(args.workdir / name / f"seed{args.seeds[0]}" / "pipeline")[1])
-        lines = ["| guidance | steps | scheduler | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+        lines = ["| guidance | steps | scheduler | " + " | ".join(SCORE_COLUMNS) + " |",
+                 "|---|---|---|" + "---|" * len(SCORE_COLUMNS)]
         for setting in settings:
             steps = setting[1] if setting[2] != "dopri5" else "adaptive"
             lines.append(f"| {setting[0]:g} | {steps} | {setting[2]} | " + " | ".join(
-                mean_sd([scores[setting][metric] for scores in per_seed]) for metric in columns) + " |")
-        trained = ", ".join(f"{metric} {mean_sd([scores[settings[0]][f'training {metric}'] for scores in per_seed])}"
-                            for metric in LATENT_METRICS)
+                mean_sd([scores[setting][metric] for scores in per_seed]) for metric in SCORE_COLUMNS) + " |")
         print(f"\n### {name}: validation cells of each pipeline ({num_cells} at seed {args.seeds[0]}), seeds "
               f"{args.seeds}, {GENERATED_PER_CELL} generated per cell, mean over sampling seeds "
-              f"{list(SAMPLING_SEEDS)}\n\n" + "\n".join(lines) + f"\n\nThe training cells' latents against the "
-              f"validation cells (a DiT that memorised them): {trained}.\n", flush=True)
+              f"{list(SAMPLING_SEEDS)}\n\n" + "\n".join(lines) + "\n\n"
+              + memorised_line([scores[settings[0]] for scores in per_seed]) + "\n", flush=True)
 
 
 if __name__ == "__main__":

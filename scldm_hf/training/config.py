@@ -56,10 +56,9 @@ VAEModelOptions = _model_options("VAEModelOptions", SCVAEConfig, [
     if spec.name not in PreTrainedConfig.__dataclass_fields__
     and spec.name not in ("gene_names", "latents_mean", "latents_std")
 ])
-# the latent shape comes from the VAE, the label counts from the corpus
 LibrarySizeModel = Literal["labels", "latent"]
 LIBRARY_SIZE_MODELS = typing.get_args(LibrarySizeModel)
-
+# the latent shape comes from the VAE, the label counts from the corpus
 DiTModelOptions = _model_options("DiTModelOptions", LatentDiTTransformer, [
     (parameter.name, parameter.annotation, parameter.default)
     for parameter in list(inspect.signature(LatentDiTTransformer).parameters.values())
