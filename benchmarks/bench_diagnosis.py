@@ -59,6 +59,7 @@ from scldm_hf.evaluation.genes import gene_moments
 from scldm_hf.evaluation.preprocessing import align_genes, condition_labels, count_matrix
 from scldm_hf.loading import load_pipeline
 from scldm_hf.models.modeling_scvae import sample_negative_binomial
+from scldm_hf.training.config import LIBRARY_SIZE_MODELS
 from scldm_hf.training.dit import refit_library_size_model
 from scldm_hf.workflows.side_by_side import stratified_split, train_scldm
 
@@ -329,7 +330,7 @@ def main() -> None:
                         help="keep the trained models in WORKDIR/<dataset>/seed<k> (default: a temporary folder)")
     parser.add_argument("--reuse-trained", action="store_true",
                         help="with --workdir: diagnose the scLDM pipelines already trained there instead of training")
-    parser.add_argument("--refit-library-size", choices=["labels", "latent"],
+    parser.add_argument("--refit-library-size", choices=LIBRARY_SIZE_MODELS,
                         help="with --reuse-trained: refit the reused pipelines' library-size model (in place) on "
                              "their own latent caches' training rows before scoring; VAE and DiT unchanged")
     parser.add_argument("--scvi-early-stopping", action=argparse.BooleanOptionalAction, default=False,

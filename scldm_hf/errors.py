@@ -4,6 +4,8 @@ Every message names the problem, where it is (cells, genes, column, file) and ho
 The CLI turns any ``SCLDMError`` into a one-line message and a non-zero exit code.
 """
 
+import typing
+
 
 class SCLDMError(Exception):
     """Base class of every error scldm-hf raises on purpose."""
@@ -27,3 +29,11 @@ class CheckpointError(SCLDMError, OSError):
 
 class ConfigurationError(SCLDMError, ValueError):
     """Arguments or configuration values that cannot work together."""
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raise a `ConfigurationError` naming option `name` unless `value` is one of the values of `choices`, a
+    `typing.Literal` (as annotated on the option)."""
+    allowed = typing.get_args(choices)
+    if value not in allowed:
+        raise ConfigurationError(f"{name}={value!r} is not one of {allowed}.")

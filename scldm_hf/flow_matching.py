@@ -26,7 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from diffusers.utils.torch_utils import randn_tensor
 
-from scldm_hf.errors import ConditionError, ConfigurationError
+from scldm_hf.errors import ConditionError, ConfigurationError, check_choice
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 
 TimestepSampling = Literal["uniform", "logit_normal"]
@@ -44,8 +44,7 @@ def sample_sigmas(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Noise levels `[B]` in [0, 1]: uniform, or logit-normal (`sigmoid(N(logit_mean, logit_std))`, SD3)."""
-    if timestep_sampling not in ("uniform", "logit_normal"):
-        raise ConfigurationError(f"timestep_sampling={timestep_sampling!r} is not one of ('uniform', 'logit_normal').")
+    check_choice("timestep_sampling", timestep_sampling, TimestepSampling)
     sigmas = compute_density_for_timestep_sampling(
         timestep_sampling,
         batch_size,
@@ -78,8 +77,7 @@ def drop_covariates(
     """
     if not 0 <= probability <= 1:
         raise ConfigurationError(f"condition_dropout={probability} must be in [0, 1].")
-    if mode not in ("joint", "independent"):
-        raise ConfigurationError(f"condition dropout mode={mode!r} is not one of ('joint', 'independent').")
+    check_choice("condition dropout mode", mode, DropoutMode)
     unknown = sorted(set(covariates) - set(num_labels))
     if unknown:
         raise ConditionError(f"Covariates {unknown} are unknown to the model; its covariates are {sorted(num_labels)}.")
@@ -121,8 +119,7 @@ def couple_noise(
 
     `covariates` (label ids `{name: [B]}`, before any dropout) define the groups of `"minibatch_ot_by_label"`.
     """
-    if coupling not in COUPLINGS:
-        raise ConfigurationError(f"coupling={coupling!r} is not one of {COUPLINGS}.")
+    check_choice("coupling", coupling, Coupling)
     if coupling == "independent":
         return noise
     groups = None

@@ -409,3 +409,27 @@ def test_token_checks_run_in_eval_mode_only(model, monkeypatch):
     finally:
         model.eval()
     assert checked == [False]
+
+
+def test_decoder_latent_noise_reaches_only_the_training_decoder_and_scales_with_the_batch_spread():
+    model = tiny_model(decoder_latent_noise=0.5)
+    batch = token_batch(num_cells=4, seed=9)
+    library_size = batch["counts"].sum(-1)
+    panel_counts = torch.zeros(4, NUM_GENES)
+    with torch.no_grad():
+        latents = model.encode(**batch).latents
+        evaluated = model(**batch, library_size=library_size, panel_counts=panel_counts)
+        trained = model.train()(**batch, library_size=library_size, panel_counts=panel_counts,
+                                generator=torch.Generator().manual_seed(0))
+        noised = model.noised_latents(latents, generator=torch.Generator().manual_seed(0))
+        decoded_noised = model.decode(noised, library_size=library_size)
+        identical_cells = latents[:1].expand_as(latents)
+        unnoised = model.noised_latents(identical_cells, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(trained.latents, latents)  # the encoded latents are returned un-noised
+    torch.testing.assert_close(evaluated.mean, model.eval().decode(latents, library_size=library_size).mean)
+    torch.testing.assert_close(trained.mean, decoded_noised.mean)  # the training decoder read the noised latents
+    relative_noise = (noised - latents) / latents.std(dim=0, correction=0)
+    assert 0.4 < relative_noise.std().item() < 0.6
+    torch.testing.assert_close(unnoised, identical_cells)  # no spread over the batch, no noise
+    with pytest.raises(ConfigurationError, match="decoder_latent_noise"):
+        tiny_config(decoder_latent_noise=0.0)

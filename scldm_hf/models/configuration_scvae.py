@@ -1,10 +1,10 @@
 """Configuration of the permutation-invariant single-cell VAE (stage 1 of scLDM)."""
 
-from typing import Literal
+from typing import Literal, get_origin
 
 from transformers import PreTrainedConfig
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, check_choice
 
 from .layers import swiglu_intermediate_size
 
@@ -50,6 +50,12 @@ class SCVAEConfig(PreTrainedConfig):
             are binomially thinned to a fraction `p ~ U(thinning_min_fraction, 1)`, drawn per cell and step, as if the
             cell had been sequenced less deeply. The decoder then cannot score well by memorising training cells,
             which improves held-out reconstruction on small data sets. None (default) trains on the counts as given.
+        decoder_latent_noise (`float`, *optional*):
+            Latent noise augmentation in training mode: the decoder reconstructs each cell from its latent plus
+            Gaussian noise of this many standard deviations of the batch's latents (per token and dimension, over
+            the cells of the batch), so that it decodes latents near, not only at, the encoded cells (those a latent
+            DiT generates). The encoder and the encoded latents are unchanged. None (default) decodes the latents as
+            encoded.
         normalize_gene_embeddings (`bool`, defaults to True):
             LayerNorm the gene embedding before it is combined with the count, so that with `"log1p"` the count alone
             sets the token's scale. False feeds the raw embedding (the released scLDM).
@@ -101,6 +107,7 @@ class SCVAEConfig(PreTrainedConfig):
     dispersion: Literal["gene", "gene-cell"] = "gene"
     kl_weight: float = 0.0
     thinning_min_fraction: float | None = None
+    decoder_latent_noise: float | None = None
     normalize_gene_embeddings: bool = True
     normalize_encoder_context: bool = False
     normalize_decoder_output: bool = True
@@ -120,16 +127,9 @@ class SCVAEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def _check_values(self) -> None:
-        choices = {
-            "value_encoding": ("log1p", "concat", "soft_bins"),
-            "count_transform": ("log1p", "normalized_log1p", "none"),
-            "likelihood": ("negative_binomial", "gaussian"),
-            "dispersion": ("gene", "gene-cell"),
-            "gene_cell_dispersion_activation": ("softplus", "exp"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigurationError(f"SCVAEConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        for name, hint in SCVAEConfig.__annotations__.items():  # the options declared here
+            if get_origin(hint) is Literal:
+                check_choice(f"SCVAEConfig.{name}", getattr(self, name), hint)
         for name in ("encoder_cross_attention_heads", "decoder_cross_attention_heads", "num_attention_heads"):
             if self.hidden_size % getattr(self, name) != 0:
                 raise ConfigurationError(
@@ -142,6 +142,10 @@ class SCVAEConfig(PreTrainedConfig):
             raise ConfigurationError(
                 f"SCVAEConfig.thinning_min_fraction={self.thinning_min_fraction} must be in (0, 1], or None for no "
                 "thinning."
+            )
+        if self.decoder_latent_noise is not None and self.decoder_latent_noise <= 0:
+            raise ConfigurationError(
+                f"SCVAEConfig.decoder_latent_noise={self.decoder_latent_noise} must be > 0, or None for no latent noise."
             )
         if self.readout_chunk_size is not None and self.readout_chunk_size < 1:
             raise ConfigurationError(

@@ -427,14 +427,18 @@ class SCVAEModel(PreTrainedModel):
         """Encode the gene tokens, decode `panel_gene_ids` (`[G]`; default every vocab gene) and score `panel_counts`.
 
         Accepts a `CellCollator` batch as `model(**batch)`; `covariates` are ignored (the VAE is unconditional).
-        In training mode with `config.thinning_min_fraction`, the cells are first thinned (`thin_cells`).
+        In training mode with `config.thinning_min_fraction`, the cells are first thinned (`thin_cells`); with
+        `config.decoder_latent_noise`, the decoder reads noised latents (`noised_latents`; `latents` stay the encoded).
         """
         if self.training and self.config.thinning_min_fraction is not None:
             counts, attention_mask, library_size, panel_counts = self.thin_cells(
                 gene_ids, counts, attention_mask, library_size, panel_counts, panel_gene_ids, generator=generator
             )
         encoded = self.encode(gene_ids, counts, attention_mask, library_size=library_size, generator=generator)
-        decoded = self.decode(encoded.latents, gene_ids=panel_gene_ids, library_size=library_size)
+        latents = encoded.latents
+        if self.training and self.config.decoder_latent_noise is not None:
+            latents = self.noised_latents(latents, generator=generator)
+        decoded = self.decode(latents, gene_ids=panel_gene_ids, library_size=library_size)
         check_panel_counts(panel_counts, expected_shape=decoded.mean.shape)
         reconstruction_loss = self.reconstruction_nll(decoded, panel_counts, library_size).mean()
         loss, kl_loss = reconstruction_loss, None
@@ -495,6 +499,13 @@ class SCVAEModel(PreTrainedModel):
         kept = attention_mask.bool() & (thinned > 0)
         kept = torch.where(kept.any(dim=-1, keepdim=True), kept, attention_mask.bool())
         return thinned, kept, thinned_panel.sum(dim=-1) + thinned_outside, thinned_panel
+
+    def noised_latents(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`latents [B, T, D]` plus Gaussian noise of `config.decoder_latent_noise` times their std over the batch
+        (per token and dimension, not back-propagated)."""
+        spread = latents.detach().std(dim=0, correction=0, keepdim=True)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        return latents + self.config.decoder_latent_noise * spread * noise
 
     def set_latent_statistics(self, latents: torch.Tensor) -> None:
         """Store the mean and std over cells of `latents [N, T, D]` in the config (see `SCVAEConfig.latents_mean`)."""

@@ -19,9 +19,12 @@ from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZ
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..errors import ConditionError, ConfigurationError
+from ..errors import ConditionError, ConfigurationError, check_choice
 
 from .layers import SwiGLU, swiglu_intermediate_size
+
+
+FlowTime = Literal["sigma", "data_fraction"]
 
 
 @dataclass
@@ -153,15 +156,14 @@ class LatentDiTTransformer(ModelMixin, AttentionMixin, ConfigMixin):
         attention_bias: bool = True,
         mlp_bias: bool | None = None,
         layer_norm_eps: float = 1e-6,
-        flow_time: Literal["sigma", "data_fraction"] = "sigma",
+        flow_time: FlowTime = "sigma",
     ):
         super().__init__()
         covariate_num_labels = dict(covariate_num_labels or {})
         for name in covariate_num_labels:
             _check_covariate_name(name)
         self.register_to_config(covariate_num_labels=covariate_num_labels)
-        if flow_time not in ("sigma", "data_fraction"):
-            raise ConfigurationError(f"flow_time={flow_time!r} is not one of ('sigma', 'data_fraction').")
+        check_choice("flow_time", flow_time, FlowTime)
         intermediate_size = intermediate_size or swiglu_intermediate_size(hidden_size)
         mlp_bias = attention_bias if mlp_bias is None else mlp_bias
 

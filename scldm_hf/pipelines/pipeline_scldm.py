@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple
 
 import anndata as ad
 import numpy as np
@@ -25,7 +25,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, check_choice
 from ..hub_code import write_class_code
 from ..models.conditioning import CellConditioner
 from ..models.modeling_scvae import SCVAEModel
@@ -167,8 +167,7 @@ class SCLDMPipeline(DiffusionPipeline):
         for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigurationError(f"{name}={value!r} must be a positive integer.")
-        if output_type not in get_args(OutputType):
-            raise ConfigurationError(f"output_type={output_type!r} is not one of {get_args(OutputType)}.")
+        check_choice("output_type", output_type, OutputType)
         tensor_inputs = callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         unknown_inputs = sorted(set(tensor_inputs) - set(self._callback_tensor_inputs))
         if unknown_inputs:

@@ -26,7 +26,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..data import anndata_to_dataset, encode_dataset
-from ..errors import ConfigurationError
+from ..errors import check_choice
 from ..validation import check_conditions, check_guidance_scale
 
 from .pipeline_scldm import OutputType, SCLDMPipeline, SCLDMPipelineOutput
@@ -151,8 +151,7 @@ class SCLDMCounterfactualPipeline(SCLDMPipeline):
             layer (`str`, *optional*): The layer of `cells` holding the raw counts (None: `X`).
         """
         self.check_inputs(num_inference_steps, batch_size, output_type)
-        if edit_method not in EDIT_METHODS:
-            raise ConfigurationError(f"edit_method={edit_method!r} is not one of {EDIT_METHODS}.")
+        check_choice("edit_method", edit_method, EditMethod)
         source, target = self.cell_labels(cells.obs, target_conditions)
         source_ids, target_ids = self.conditioner.encode(source), self.conditioner.encode(target)
         check_guidance_scale(source_guidance_scale, list(source_ids))

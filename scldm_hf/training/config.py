@@ -25,7 +25,7 @@ from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser, PreTrainedConfig
 from transformers.utils.auto_docstring import parse_docstring
 
-from scldm_hf.errors import ConfigurationError
+from scldm_hf.errors import ConfigurationError, check_choice
 from scldm_hf.flow_matching import Coupling, DropoutMode, TimestepSampling
 from scldm_hf.models.configuration_scvae import SCVAEConfig
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
@@ -425,8 +425,8 @@ def _check_choices(config) -> None:
     for spec in dataclasses.fields(config):
         hint, value = hints[spec.name], getattr(config, spec.name)
         literal = next((arg for arg in (hint, *typing.get_args(hint)) if typing.get_origin(arg) is Literal), None)
-        if literal is not None and value is not None and value not in typing.get_args(literal):
-            raise ConfigurationError(f"{spec.name}={value!r} is not one of {list(typing.get_args(literal))}.")
+        if literal is not None and value is not None:
+            check_choice(spec.name, value, literal)
 
 
 def _changed_options(options) -> dict:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from scldm_hf.data import CorpusInfo
 from scldm_hf.data.corpus import SHARD_GLOB, open_arrow_shards
-from scldm_hf.errors import ConditionError, ConfigurationError
+from scldm_hf.errors import ConditionError, ConfigurationError, check_choice
 from scldm_hf.flow_matching import Coupling, DropoutMode, TimestepSampling, flow_matching_loss
 from scldm_hf.loading import load_vae
 from scldm_hf.models.conditioning import CellConditioner
@@ -33,7 +33,7 @@ from scldm_hf.pipelines import SCLDMPipeline
 
 from .card_metrics import CardMetrics, GenerationScore
 from .checkpointing import TrainingProgress
-from .config import LIBRARY_SIZE_MODELS, DiTTrainingConfig, LibrarySizeModel
+from .config import DiTTrainingConfig, LibrarySizeModel
 from .data import (
     LATENT_CACHE_DIR,
     LatentCollator,
@@ -219,8 +219,7 @@ def refit_library_size_model(pipeline_dir: str | Path, library_size_model: Libra
     the latent model existed) on the training rows of its own latent cache, split as its training split them, and
     save the pipeline in place (with the current model code). The VAE and DiT weights are unchanged. Returns the
     reloaded pipeline."""
-    if library_size_model not in LIBRARY_SIZE_MODELS:
-        raise ConfigurationError(f"library_size_model={library_size_model!r} is not one of {LIBRARY_SIZE_MODELS}.")
+    check_choice("library_size_model", library_size_model, LibrarySizeModel)
     pipeline_dir = Path(pipeline_dir)
     cache_dir = pipeline_dir / LATENT_CACHE_DIR
     if not cache_dir.is_dir():
