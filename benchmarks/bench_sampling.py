@@ -15,7 +15,8 @@ generates `--num-cells` cells with the real cell-type composition and reports:
     python benchmarks/bench_sampling.py --device cuda   # peak and FLOP/s then refer to the GPU's float32 matmuls
 
 With `--couplings`, it instead measures how training couplings (`DiTTrainingConfig.coupling`) change quality against
-Euler steps. The cells are split 50/15/15/20 (stratified, seed 0) into train / validation / floor / test; one demo VAE
+Euler steps on `--dataset` (PBMC68k by default; Kang 2018 and celltypist are cut to the 2,000 most variable genes of
+their train cells, as in `bench_generation.py`). The cells are split 50/15/15/20 (stratified, seed 0) into train / validation / floor / test; one demo VAE
 is trained on the train cells, then the demo DiT once per coupling and seed (same VAE and latents). Each pipeline
 generates the validation and the test cells' cell-type composition, scored by `evaluate_generation` (PCA fitted on
 the train cells, the floor cells as the real floor). The scheduler `shift` of the few-step rows is chosen per coupling
@@ -23,6 +24,7 @@ on the validation split (least mean `--shift-steps` gap to 50 steps); the test s
 that choice.
 
     python benchmarks/bench_sampling.py --threads 1 --couplings independent minibatch_ot --seeds 0 1 2
+    python benchmarks/bench_sampling.py --threads 1 --couplings independent minibatch_ot_by_label --dataset kang2018
 """
 
 import argparse
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_generation import DATASETS, load_dataset, variable_genes_of_training_cells
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
@@ -67,6 +70,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="where the pipeline samples (e.g. cuda)")
     study = parser.add_argument_group("coupling study (--couplings)")
     study.add_argument("--couplings", nargs="+", choices=COUPLINGS, help="train and compare these couplings")
+    study.add_argument("--dataset", choices=DATASETS, default="pbmc68k", help="the cells of the study")
     study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="DiT training and sampling seeds")
     study.add_argument("--study-steps", type=int, nargs="+", default=[1, 2, 5, 10, 25, 50])
     study.add_argument("--shifts", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0],
@@ -162,7 +166,7 @@ def profile_one_batch(pipe, conditions, args) -> str:
     return profiler.key_averages().table(sort_by=sort_by, row_limit=12)
 
 
-def study_pipeline(train, coupling: str, seed: int, work_dir: Path) -> tuple[Path, float]:
+def study_pipeline(train, label_key: str, coupling: str, seed: int, work_dir: Path) -> tuple[Path, float]:
     """The demo DiT trained with `coupling` and `seed` on the shared demo VAE of `train` (kept in
     ``work_dir/<coupling>_seed<seed>``), and its training wall time (0 when reused)."""
     pipeline_dir = work_dir / f"{coupling}_seed{seed}"
@@ -170,22 +174,22 @@ def study_pipeline(train, coupling: str, seed: int, work_dir: Path) -> tuple[Pat
         return pipeline_dir, 0.0
     start = time.perf_counter()
     shutil.rmtree(work_dir / "pipeline", ignore_errors=True)  # an interrupted run's checkpoints
-    trained = train_scldm(train, LABEL_KEY, RECIPE, work_dir, reuse_vae=True,
+    trained = train_scldm(train, label_key, RECIPE, work_dir, reuse_vae=True,
                           dit_overrides={"num_eval_cells": 0, "seed": seed, "coupling": coupling})
     shutil.move(trained, pipeline_dir)
     return pipeline_dir, time.perf_counter() - start
 
 
-def study_scores(pipe, real, train, floor, seed: int, runs: list[tuple[int, float]]) -> list[dict]:
-    """MMD^2 (and its real floor) of `pipe`'s cells with `real`'s cell types, for each ``(steps, shift)`` of `runs`;
+def study_scores(pipe, real, train, floor, label_key: str, seed: int, runs: list[tuple[int, float]]) -> list[dict]:
+    """MMD^2 (and its real floor) of `pipe`'s cells with `real`'s labels, for each ``(steps, shift)`` of `runs`;
     every run starts from the same noise."""
-    conditions = {LABEL_KEY: list(real.obs[LABEL_KEY].astype(str))}
+    conditions = {label_key: list(real.obs[label_key].astype(str))}
     rows = []
     for steps, shift in runs:
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
         generator = torch.Generator().manual_seed(seed)
         cells = pipe(conditions=conditions, num_inference_steps=steps, generator=generator).cells
-        scores = evaluate_generation(real, cells, LABEL_KEY, reference=train, real_floor=floor, seed=seed).loc["mean"]
+        scores = evaluate_generation(real, cells, label_key, reference=train, real_floor=floor, seed=seed).loc["mean"]
         rows.append({"steps": steps, "shift": shift, "mmd": scores["mmd_rbf"], "floor": scores["mmd_rbf_real_floor"]})
     return rows
 
@@ -214,18 +218,20 @@ def print_study_table(title: str, rows: list[dict], keys: list[tuple]) -> None:
 def coupling_study(args) -> None:
     """Train one demo pipeline per coupling and seed; print validation (shift choice) and test tables."""
     start = time.perf_counter()
-    work_dir = Path(args.work_dir) / "couplings"
-    train, validation, floor, test = stratified_split(load_pbmc68k_counts(), LABEL_KEY, STUDY_SPLIT, seed=0)
+    work_dir = Path(args.work_dir) / "couplings" / args.dataset
+    cells, label_key = load_dataset(args.dataset)
+    train, validation, floor, test = variable_genes_of_training_cells(
+        stratified_split(cells, label_key, STUDY_SPLIT, seed=0))
     print(f"cells: {train.n_obs} train, {validation.n_obs} validation, {floor.n_obs} floor, {test.n_obs} test")
     validation_runs = [(50, 1.0)] + [(steps, shift) for steps in args.shift_steps for shift in args.shifts]
     pipelines, validation_rows = {}, []
     for seed in args.seeds:
         for coupling in args.couplings:
-            pipelines[coupling, seed], seconds = study_pipeline(train, coupling, seed, work_dir)
+            pipelines[coupling, seed], seconds = study_pipeline(train, label_key, coupling, seed, work_dir)
             torch.set_num_threads(args.threads)  # scanpy calls during training reset torch's thread count
             pipe = load_pipeline(pipelines[coupling, seed])
             pipe.set_progress_bar_config(disable=True)
-            rows = with_gaps(study_scores(pipe, validation, train, floor, seed, validation_runs))
+            rows = with_gaps(study_scores(pipe, validation, train, floor, label_key, seed, validation_runs))
             validation_rows += [row | {"coupling": coupling, "seed": seed} for row in rows]
             print(f"{coupling} seed {seed}: DiT trained in {seconds:.0f} s, validation scored", flush=True)
     shift_keys = [(coupling, steps, shift) for coupling in args.couplings for steps in args.shift_steps
@@ -244,7 +250,7 @@ def coupling_study(args) -> None:
         runs = [(steps, 1.0) for steps in args.study_steps]
         if chosen[coupling] != 1.0:
             runs += [(steps, chosen[coupling]) for steps in args.study_steps if steps < 50]
-        rows = with_gaps(study_scores(pipe, test, train, floor, seed, runs))
+        rows = with_gaps(study_scores(pipe, test, train, floor, label_key, seed, runs))
         test_rows += [row | {"coupling": coupling, "seed": seed} for row in rows]
     test_keys = sorted({(row["coupling"], row["steps"], row["shift"]) for row in test_rows},
                        key=lambda key: (args.couplings.index(key[0]), key[2], key[1]))
