@@ -48,6 +48,7 @@ from bench_generation import (
     chosen_datasets,
     data_argument_parser,
     load_dataset,
+    package_versions,
     variable_genes_of_training_cells,
 )
 from scipy.stats import ks_2samp, wasserstein_distance
@@ -362,7 +363,8 @@ def main() -> None:
                           for model in MODELS for kind in ("wall_s", "cpu_s"))
         steps = "; ".join(f"seed {seed}: " + ", ".join(f"{stage} {length}" for stage, length in record["steps"].items())
                           for seed, record in zip(args.seeds, records))
-        print(f"\n### {name}: {cells.n_obs} cells, label {label_key!r}, seeds {args.seeds}\n\nTraining time: {times}."
+        print(f"\n### {name}: {cells.n_obs} cells, label {label_key!r}, seeds {args.seeds}\n\n"
+              f"Packages: {package_versions()}.\nTraining time: {times}."
               f"\nTraining length (steps run, best held-out check): {steps}.\n\n{diagnosis_table(runs)}\n\n"
               f"{stage_of_the_gap(runs)}\n", flush=True)
 

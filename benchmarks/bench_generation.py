@@ -20,6 +20,7 @@ variable genes of its training cells (Seurat v3 on counts): nothing is chosen on
 """
 
 import argparse
+import importlib.metadata
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,10 @@ COLUMNS = ["mmd_rbf", "energy_distance", "nn_accuracy", "classifier_auroc", "was
 # headline metric -> its ideal value (a win is being closer to it than scVI, beyond the larger seed sd)
 HEADLINE = {"mmd_rbf": 0.0, "energy_distance": 0.0, "nn_accuracy": 0.5, "classifier_auroc": 0.5}
 
+
+# the packages whose versions move a seeded run's numbers (gene selection, splits, random streams, scVI)
+RECORDED_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "scanpy", "anndata", "scvi-tools", "lightning",
+                     "transformers", "diffusers", "datasets", "accelerate")
 
 DATASETS = ("pbmc68k", "kang2018", "celltypist")
 NUM_VARIABLE_GENES = 2000
@@ -74,6 +79,17 @@ def variable_genes_of_training_cells(parts: tuple[ad.AnnData, ...]) -> tuple[ad.
     variable = sc.pp.highly_variable_genes(train, n_top_genes=NUM_VARIABLE_GENES, flavor="seurat_v3", inplace=False)
     keep = variable["highly_variable"].to_numpy()
     return tuple(part[:, keep].copy() for part in parts)
+
+
+def package_versions() -> str:
+    """``"torch 2.13.0, numpy 2.4.6, ..."`` for `RECORDED_PACKAGES`: the same seed reproduces a table only with the
+    same versions (RESULTS.md, session 13)."""
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    return ", ".join(f"{name} {version(name)}" for name in RECORDED_PACKAGES)
 
 
 def seed_table(summaries: list[pd.DataFrame]) -> pd.DataFrame:
@@ -152,6 +168,7 @@ def main() -> None:
         section = (
             f"### {name}: {cells.n_obs} cells x {cells.n_vars} genes, {train.n_obs}/{floor.n_obs}/{test.n_obs} "
             f"train/floor/test, seeds {args.seeds} ({time.perf_counter() - start:.0f} s)\n\n"
+            f"Packages: {package_versions()}.\n\n"
             f"{seed_table(summaries).to_markdown()}\n\n{wins_beyond_noise(summaries)}\n"
         )
         print(section)
