@@ -48,7 +48,7 @@ from bench_generation import (
     chosen_datasets,
     data_argument_parser,
     load_dataset,
-    package_versions,
+    run_environment,
     variable_genes_of_training_cells,
 )
 from scipy.stats import ks_2samp, wasserstein_distance
@@ -364,7 +364,7 @@ def main() -> None:
         steps = "; ".join(f"seed {seed}: " + ", ".join(f"{stage} {length}" for stage, length in record["steps"].items())
                           for seed, record in zip(args.seeds, records))
         print(f"\n### {name}: {cells.n_obs} cells, label {label_key!r}, seeds {args.seeds}\n\n"
-              f"Packages: {package_versions()}.\nTraining time: {times}."
+              f"Environment: {run_environment()}.\nTraining time: {times}."
               f"\nTraining length (steps run, best held-out check): {steps}.\n\n{diagnosis_table(runs)}\n\n"
               f"{stage_of_the_gap(runs)}\n", flush=True)
 

@@ -21,6 +21,7 @@ variable genes of its training cells (Seurat v3 on counts): nothing is chosen on
 
 import argparse
 import importlib.metadata
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -81,15 +82,20 @@ def variable_genes_of_training_cells(parts: tuple[ad.AnnData, ...]) -> tuple[ad.
     return tuple(part[:, keep].copy() for part in parts)
 
 
-def package_versions() -> str:
-    """``"torch 2.13.0, numpy 2.4.6, ..."`` for `RECORDED_PACKAGES`: the same seed reproduces a table only with the
-    same versions (RESULTS.md, session 13)."""
+def run_environment() -> str:
+    """``"torch 2.13.0, numpy 2.4.6, ...; CPU <model>"``: the same seed reproduces a table only with the same versions
+    of `RECORDED_PACKAGES` and, on CPU, the same processor (its kernels: RESULTS.md, sessions 13-14)."""
     def version(name: str) -> str:
         try:
             return importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
-    return ", ".join(f"{name} {version(name)}" for name in RECORDED_PACKAGES)
+
+    packages = ", ".join(f"{name} {version(name)}" for name in RECORDED_PACKAGES)
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+              if line.startswith("model name")]
+    return f"{packages}; CPU {models[0] if models else platform.processor() or 'unknown'}"
 
 
 def seed_table(summaries: list[pd.DataFrame]) -> pd.DataFrame:
@@ -168,7 +174,7 @@ def main() -> None:
         section = (
             f"### {name}: {cells.n_obs} cells x {cells.n_vars} genes, {train.n_obs}/{floor.n_obs}/{test.n_obs} "
             f"train/floor/test, seeds {args.seeds} ({time.perf_counter() - start:.0f} s)\n\n"
-            f"Packages: {package_versions()}.\n\n"
+            f"Environment: {run_environment()}.\n\n"
             f"{seed_table(summaries).to_markdown()}\n\n{wins_beyond_noise(summaries)}\n"
         )
         print(section)
