@@ -381,6 +381,35 @@ def test_new_library_size_groups_keep_the_latent_weight():
     assert abs(float(conditioner.group_log_mean[2]) - np.log(4000.0)) < 1e-3
 
 
+def test_latent_library_size_ridge_is_chosen_by_cross_validation_and_its_noise_matches_new_cells():
+    """With many latent features and few cells (Kang's selection split: ~640 cells, 128 features) ridge 1 overfits
+    and the residual spread of the fit's own cells underestimates the depth noise. The GCV ridge predicts the
+    held-out cells' depth better (lower NLL), and the noise drawn is the true one (residuals scaled to unbiased)."""
+    generator = torch.Generator().manual_seed(5)
+    num_cells, num_features = 600, 128
+    features = torch.randn(2 * num_cells, num_features, generator=generator, dtype=torch.float64)
+    cell_type = torch.randint(0, 2, (2 * num_cells,), generator=generator)
+    weight = torch.zeros(num_features, dtype=torch.float64)
+    weight[:3] = 0.3
+    log_size = 7.0 + cell_type.double() + features @ weight + 0.3 * torch.randn(2 * num_cells, generator=generator,
+                                                                                 dtype=torch.float64)
+    fit, held_out = torch.arange(num_cells), torch.arange(num_cells, 2 * num_cells)
+    scores = {}
+    for ridge in (1.0, None):
+        conditioner = CellConditioner(covariate_labels={"cell_type": ["T", "B"]})
+        chosen = conditioner.fit_latent_library_size(
+            batches_of(cell_type[fit], features[fit], log_size[fit].exp(), 256), ridge=ridge)
+        mean, var = conditioner.log_library_size_distribution(
+            {"cell_type": cell_type[held_out]}, num_cells, features[held_out].float())
+        residual = log_size[held_out] - mean.double()
+        nll = 0.5 * (torch.log(2 * torch.pi * var.double()) + residual**2 / var.double())
+        scores[ridge] = (chosen, float(nll.mean()), float(var.double().mean().sqrt()))
+    assert scores[1.0][0] == 1.0 and scores[None][0] > 3.0
+    assert scores[None][1] < scores[1.0][1]
+    # the noise drawn is the true 0.3 (the fit's own residuals: ~0.27 at ~120 effective parameters of 600 cells)
+    assert abs(scores[None][2] - 0.3) < 0.015
+
+
 def test_conditioner_encodes_dicts_and_dataframes(conditioner):
     ids = conditioner.encode({"cell_type": ["B", "T", "B"], "condition": ["stim", "ctrl", "ctrl"]})
     assert torch.equal(ids["cell_type"], torch.tensor([1, 0, 1]))

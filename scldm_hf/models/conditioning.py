@@ -85,6 +85,10 @@ class LibrarySizeMoments:
         return label_ids, num_cells, log_mean, log_var
 
 
+# ridge penalties `fit_latent_library_size` chooses among by generalised cross-validation (standardised features)
+RIDGE_CANDIDATES = tuple(float(10.0**exponent) for exponent in np.arange(-2.0, 6.01, 0.25))
+
+
 class LatentLibrarySizeRegression:
     """Ridge regression of log library size on latent features within label combinations, fed batch by batch.
 
@@ -92,12 +96,17 @@ class LatentLibrarySizeRegression:
     and of features with log library size (each group centred on its own means), so `w` explains the depth that
     varies *inside* a label combination; the groups' own mean depths stay with the per-group log-normal. Holds one
     `[F, F]` matrix and `F + 2` numbers per group, whatever the number of cells.
+
+    The penalty is the one of `RIDGE_CANDIDATES` with the least generalised cross-validation error (Golub, Heath &
+    Wahba 1979), computed from the same sums: `GCV = n * RSS / (n - df)^2` over the `n = cells - groups` within-group
+    degrees of freedom, `df = tr(S_ff (S_ff + ridge I)^-1)` the fit's effective number of parameters.
     """
 
-    def __init__(self, covariate_names: list[str], num_features: int, ridge: float = 1.0):
-        self.covariate_names, self.ridge = list(covariate_names), ridge
+    def __init__(self, covariate_names: list[str], num_features: int):
+        self.covariate_names = list(covariate_names)
         self.feature_products = torch.zeros(num_features, num_features, dtype=torch.float64)
         self.feature_log_products = torch.zeros(num_features, dtype=torch.float64)
+        self.log_squares = torch.zeros((), dtype=torch.float64)
         self.group_sums: dict[tuple[int, ...], torch.Tensor] = {}  # key -> [cells, sum log, sum features [F]]
 
     def add(self, covariates: dict[str, torch.LongTensor], library_size: torch.Tensor, features: torch.Tensor) -> None:
@@ -106,17 +115,40 @@ class LatentLibrarySizeRegression:
         features = torch.as_tensor(features, dtype=torch.float64).cpu()
         self.feature_products += features.T @ features
         self.feature_log_products += features.T @ log_size
+        self.log_squares += log_size @ log_size
         add_group_sums(self.group_sums, self.covariate_names, covariates,
                        torch.cat([torch.ones_like(log_size)[:, None], log_size[:, None], features], 1))
 
-    def weight(self) -> torch.Tensor:
-        """The regression weight `[F]` (float64): log library size ~ group intercept + features @ weight."""
+    def fit(self, ridge: float | None = None) -> tuple[torch.Tensor, float, float]:
+        """`(weight [F], ridge, residual variance factor)` (float64): log library size ~ group intercept + features @
+        weight, at `ridge` (None: chosen by GCV). The factor `cells / (n - df)` turns the groups' in-sample residual
+        variances (the mean squared residual) into unbiased ones (the fit's own cells lie closer to it than new
+        cells do)."""
         sums = torch.stack(list(self.group_sums.values()))
         num_cells, log_sums, feature_sums = sums[:, 0], sums[:, 1], sums[:, 2:]
         feature_scatter = self.feature_products - (feature_sums.T / num_cells) @ feature_sums
         feature_log_scatter = self.feature_log_products - feature_sums.T @ (log_sums / num_cells)
-        ridge = self.ridge * torch.eye(len(feature_scatter), dtype=torch.float64)
-        return torch.linalg.solve(feature_scatter + ridge, feature_log_scatter)
+        log_scatter = self.log_squares - (log_sums**2 / num_cells).sum()
+        degrees_of_freedom = float(num_cells.sum()) - len(num_cells)
+        eigenvalues, eigenvectors = torch.linalg.eigh(feature_scatter)
+        eigenvalues = eigenvalues.clamp_min(0)
+        projected = eigenvectors.T @ feature_log_scatter
+
+        def solution(penalty: float) -> tuple[torch.Tensor, float, float]:
+            shrink = 1 / (eigenvalues + penalty)
+            residual_sum = float(log_scatter - (projected**2 * shrink * (2 - eigenvalues * shrink)).sum())
+            return eigenvectors @ (projected * shrink), float((eigenvalues * shrink).sum()), max(residual_sum, 0.0)
+
+        def gcv(penalty: float) -> float:
+            _, effective_parameters, residual_sum = solution(penalty)
+            remaining = degrees_of_freedom - effective_parameters
+            return degrees_of_freedom * residual_sum / remaining**2 if remaining > 0 else np.inf
+
+        if ridge is None:
+            ridge = min(RIDGE_CANDIDATES, key=gcv)
+        weight, effective_parameters, _ = solution(ridge)
+        remaining = degrees_of_freedom - effective_parameters
+        return weight, ridge, float(num_cells.sum()) / remaining if remaining > 0 else 1.0
 
 
 class CellConditioner(ModelMixin, ConfigMixin):
@@ -208,20 +240,23 @@ class CellConditioner(ModelMixin, ConfigMixin):
         moments.add(covariates, library_size)
         self.set_library_size_groups(*moments.groups())
 
-    def fit_latent_library_size(self, batches: Callable[[], Iterable[LibrarySizeBatch]], ridge: float = 1.0) -> None:
+    def fit_latent_library_size(self, batches: Callable[[], Iterable[LibrarySizeBatch]],
+                                ridge: float | None = None) -> float:
         """Fit the latent model: the within-group ridge regression of log library size on latent features
-        (`LatentLibrarySizeRegression`), then the groups' log-normals of what it leaves. Two passes over `batches()`,
-        an iterable of `(label ids {name: [n]}, library sizes [n], latent features [n, F])` of the training cells
-        (features: standardised latents, flattened, as `SCLDMPipeline` passes them when sampling)."""
+        (`LatentLibrarySizeRegression`; `ridge` None: chosen by generalised cross-validation), then the groups'
+        log-normals of what it leaves, their variances scaled to out-of-sample residuals. Two passes over
+        `batches()`, an iterable of `(label ids {name: [n]}, library sizes [n], latent features [n, F])` of the
+        training cells (features: standardised latents, flattened, as `SCLDMPipeline` passes them when sampling).
+        Returns the ridge used."""
         regression = None
         for covariates, library_size, features in batches():
             self._check_covariate_keys(covariates, require_all=True)
             if regression is None:
-                regression = LatentLibrarySizeRegression(self.covariate_names, features.shape[1], ridge)
+                regression = LatentLibrarySizeRegression(self.covariate_names, features.shape[1])
             regression.add(covariates, library_size, features)
         if regression is None:
             raise InputDataError("fit_latent_library_size got no cells; pass the training cells' batches.")
-        weight = regression.weight()
+        weight, ridge, variance_factor = regression.fit(ridge)
         moments = LibrarySizeMoments(self.covariate_names)
         lowest, highest = torch.inf, -torch.inf
         for covariates, library_size, features in batches():
@@ -231,7 +266,9 @@ class CellConditioner(ModelMixin, ConfigMixin):
         self.register_buffer("latent_library_weight", weight.to(self.group_log_mean))
         self.register_buffer("latent_offset_range", torch.tensor([lowest, highest]).to(self.group_log_mean))
         self.register_to_config(num_latent_features=len(weight))
-        self.set_library_size_groups(*moments.groups())
+        label_ids, num_cells, log_mean, log_var = moments.groups()
+        self.set_library_size_groups(label_ids, num_cells, log_mean, log_var * variance_factor)
+        return ridge
 
     def fit_library_size_groups(self, batches: Callable[[], Iterable[LibrarySizeBatch]]) -> None:
         """Refit every group in one pass over `batches()` (as in `fit_latent_library_size`; without a latent model
