@@ -35,7 +35,9 @@ FIT_FRACTION = 0.6
 GENERATED_PER_CELL = 2
 SAMPLING_SEEDS = (0, 1, 2)
 METRICS = ("mmd_rbf", "energy_distance", "nn_accuracy", "classifier_auroc")
-MODELS = ("labels", "latent, ridge 1", "latent, GCV ridge")
+# latent-model rows -> ridge: session 11's fixed penalty, and the cross-validated choice (the default since)
+LATENT_RIDGES = {"latent, ridge 1": 1.0, "latent, GCV ridge": None}
+MODELS = ("labels", *LATENT_RIDGES)
 
 
 def fitted_models(conditioner, label_ids, library_size, features) -> dict[str, CellConditioner]:
@@ -43,7 +45,7 @@ def fitted_models(conditioner, label_ids, library_size, features) -> dict[str, C
     labels_only = CellConditioner(covariate_labels=conditioner.config.covariate_labels)
     labels_only.fit_library_size(label_ids, library_size)
     models = {"labels": labels_only}
-    for name, ridge in zip(MODELS[1:], (1.0, None)):  # the fixed ridge of session 11, the GCV choice (the default)
+    for name, ridge in LATENT_RIDGES.items():
         models[name] = CellConditioner(covariate_labels=conditioner.config.covariate_labels)
         models[name].fit_latent_library_size(lambda: [(label_ids, library_size, features)], ridge=ridge)
     return models

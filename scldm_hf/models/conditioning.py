@@ -135,19 +135,19 @@ class LatentLibrarySizeRegression:
         projected = eigenvectors.T @ feature_log_scatter
 
         def solution(penalty: float) -> tuple[torch.Tensor, float, float]:
+            """(weight, residual degrees of freedom `n - df`, residual sum of squares) at `penalty`."""
             shrink = 1 / (eigenvalues + penalty)
             residual_sum = float(log_scatter - (projected**2 * shrink * (2 - eigenvalues * shrink)).sum())
-            return eigenvectors @ (projected * shrink), float((eigenvalues * shrink).sum()), max(residual_sum, 0.0)
+            remaining = degrees_of_freedom - float((eigenvalues * shrink).sum())
+            return eigenvectors @ (projected * shrink), remaining, max(residual_sum, 0.0)
 
         def gcv(penalty: float) -> float:
-            _, effective_parameters, residual_sum = solution(penalty)
-            remaining = degrees_of_freedom - effective_parameters
+            _, remaining, residual_sum = solution(penalty)
             return degrees_of_freedom * residual_sum / remaining**2 if remaining > 0 else np.inf
 
         if ridge is None:
             ridge = min(RIDGE_CANDIDATES, key=gcv)
-        weight, effective_parameters, _ = solution(ridge)
-        remaining = degrees_of_freedom - effective_parameters
+        weight, remaining, _ = solution(ridge)
         return weight, ridge, float(num_cells.sum()) / remaining if remaining > 0 else 1.0
 
 
@@ -166,8 +166,8 @@ class CellConditioner(ModelMixin, ConfigMixin):
 
     With a latent model (`fit_latent_library_size`, `num_latent_features` F > 0) the log library size is also
     linear in the cell's standardised, flattened latent `f [F]`: `log L = f @ latent_library_weight + u`, `u` drawn
-    from the group's log-normal, whose moments are then those of `log L - f @ latent_library_weight`
-    (`latent_library_weight [F]`, a persistent buffer). Sampling then needs each cell's latent features; their
+    from the group's log-normal, whose moments are then those of `log L - f @ latent_library_weight`, the variance
+    scaled to unbiased for the regression's effective parameters (`latent_library_weight [F]`, a persistent buffer). Sampling then needs each cell's latent features; their
     offset is clamped to the range the training cells' took (`latent_offset_range [2]`), so a generated latent off
     the training manifold (a high guidance scale) cannot draw an extreme depth.
 
