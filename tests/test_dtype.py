@@ -18,6 +18,7 @@ from scldm_hf.models.conditioning import CellConditioner
 from scldm_hf.models.transformer_latent_dit import LatentDiTTransformer
 from scldm_hf.pipelines import SCLDMCounterfactualPipeline, SCLDMPipeline
 from scldm_hf.training import VAETrainingConfig, load_config
+from scldm_hf.training import loop
 from scldm_hf.training.loop import build_accelerator
 
 TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
@@ -92,9 +93,11 @@ def test_pipelines_generate_and_edit_in_bf16(pipeline, tiny_adata):
 
 
 @pytest.fixture
-def bf16_accelerator(tmp_path):
+def bf16_accelerator(tmp_path, monkeypatch):
     """`build_accelerator` of a CPU recipe with ``mixed_precision: bf16`` (Accelerate's per-process state is reset
-    before and after, so the other tests keep training in float32)."""
+    before and after, so the other tests keep training in float32), on a CPU taken to have bf16 matrix units so
+    that the autocast path runs (emulated where the CPU lacks them)."""
+    monkeypatch.setattr(loop, "cpu_has_bf16_units", lambda: True)
     AcceleratorState._reset_state()
     config = load_config(VAETrainingConfig, TINY, {"output_dir": str(tmp_path), "mixed_precision": "bf16",
                                                    "report_to": "none"}, section="vae")
@@ -108,6 +111,18 @@ def test_a_later_float32_stage_in_the_same_process_is_not_kept_in_bf16(bf16_acce
         config = load_config(VAETrainingConfig, TINY, {"output_dir": str(tmp_path), "mixed_precision": requested,
                                                        "report_to": "none"}, section="vae")
         assert build_accelerator(config).mixed_precision == "no"
+
+
+def test_bf16_on_a_cpu_without_bf16_units_trains_in_float32_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(loop, "cpu_has_bf16_units", lambda: False)
+    AcceleratorState._reset_state()
+    config = load_config(VAETrainingConfig, TINY, {"output_dir": str(tmp_path), "mixed_precision": "bf16",
+                                                   "report_to": "none"}, section="vae")
+    with caplog.at_level("WARNING"):
+        accelerator = build_accelerator(config)
+    assert accelerator.mixed_precision == "no" and config.mixed_precision == "no"  # what runs is what is recorded
+    assert "without bf16 matrix units" in caplog.text
+    AcceleratorState._reset_state()
 
 
 def test_bf16_autocast_training_keeps_float32_weights_and_likelihood(batch, bf16_accelerator):

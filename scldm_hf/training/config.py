@@ -120,7 +120,8 @@ class TrainingConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(default=None, metadata={
-        "help": "Autocast precision; None takes the `accelerate launch` setting."})
+        "help": "Autocast precision; None takes the `accelerate launch` setting. bf16 on a CPU without bf16 matrix "
+                "units (AVX512-BF16 / AMX) trains in float32 instead, with a warning (emulated bf16 is ~7x slower)."})
     cpu: bool = field(default=False, metadata={
         "help": "Train on CPU even if an accelerator is present (required for multi-process CPU runs)."})
     num_threads: int | None = field(default=None, metadata={

@@ -9,6 +9,7 @@ and early stopping's record with its best weights.
 """
 
 import os
+import platform
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -50,6 +51,7 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         torch.set_num_threads(config.num_threads)
     output_dir = Path(config.output_dir)
     logging_dir = output_dir / "logs"
+    config.mixed_precision = supported_precision(config.mixed_precision, PartialState(cpu=config.cpu).device)
     forget_earlier_precision(config.mixed_precision)
     accelerator = Accelerator(
         cpu=config.cpu,
@@ -66,6 +68,29 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return accelerator
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively: on x86, AVX512-BF16 or AMX; other architectures (Arm's
+    bf16 extension) are trusted. Without them torch emulates bf16 matmuls: 1.3 GFLOP/s against float32's 93 on an
+    AVX2-only AMD EPYC core (`benchmarks/bench_training.py`), so bf16 autocast trains ~7x slower, not ~1.8x faster."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def supported_precision(mixed_precision: str | None, device: torch.device) -> str | None:
+    """`mixed_precision`, or "no" (float32, with a warning) where it asks for bf16 autocast on a CPU without bf16
+    matrix units (`cpu_has_bf16_units`): a recipe's bf16 is a speed setting (equal quality, benchmarks/RESULTS.md),
+    which such a CPU would turn into a ~7x slowdown. The precision that runs is what the run records."""
+    requested = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if requested != "bf16" or device.type != "cpu" or cpu_has_bf16_units():
+        return mixed_precision
+    logger.warning("mixed_precision='bf16' asked for on a CPU without bf16 matrix units (no AVX512-BF16 or AMX), "
+                   "where torch emulates bf16 about 7x slower than float32: training in float32 instead "
+                   "(mixed_precision='no'; equal quality). On a GPU or a CPU with those units bf16 is kept.",
+                   main_process_only=True)
+    return "no"
 
 
 def forget_earlier_precision(mixed_precision: str | None) -> None:
