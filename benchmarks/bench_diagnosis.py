@@ -137,24 +137,40 @@ def noise_scores(cells, test, floor, label_key) -> dict[str, tuple]:
             for name in by_label[0][0]}
 
 
-def diagnose_scldm(pipeline_dir, train, floor, test, label_key, seed) -> dict[str, dict]:
-    """`{stage: {metric: (score, floor)}}` of the trained scLDM pipeline."""
+def diagnose_scldm(pipeline_dir, train, floor, test, label_key, seed,
+                   decode_latent_noise: float | None = None) -> dict[str, dict]:
+    """`{stage: {metric: (score, floor)}}` of the trained scLDM pipeline. With `decode_latent_noise` the generated
+    latents of (b) and (e) are decoded plus Gaussian noise of that many training-latent stds per coordinate (the
+    library-size model reads the clean latent; the cells of (e) are generated latent first, then decoded)."""
     pipe = load_pipeline(pipeline_dir)
     generator = torch.Generator().manual_seed(seed)
     labels, floor_labels = condition_labels(test, label_key), condition_labels(floor, label_key)
     test_sizes = torch.as_tensor(library_size(test), dtype=torch.float32)
 
+    def standardized(latents):
+        return pipe.vae.normalize_latents(latents).flatten(1).numpy()
+
+    def decoder_input(latents):
+        """The generated `latents [N, T, D]` as the decoder reads them."""
+        if decode_latent_noise is None:
+            return latents
+        noise = torch.randn(latents.shape, generator=generator)
+        return pipe.vae.denormalize_latents(pipe.vae.normalize_latents(latents) + decode_latent_noise * noise)
+
     test_latents = torch.from_numpy(encode_dataset(pipe.vae, test))
     genes = pipe.vae.config.gene_names
     round_trip = with_counts(test, pipe.decode_counts(test_latents, test_sizes, generator), genes)
-    generated_latents = pipe(conditions={label_key: list(labels)}, output_type="latent", generator=generator).cells
-    decoded = with_counts(test, pipe.decode_counts(generated_latents, test_sizes, generator), genes)
-    label_ids = pipe.conditioner.encode({label_key: list(labels)})
+    conditions = {label_key: list(labels)}
+    generated_latents = pipe(conditions=conditions, output_type="latent", generator=generator).cells
+    decoded = with_counts(test, pipe.decode_counts(decoder_input(generated_latents), test_sizes, generator), genes)
+    label_ids = pipe.conditioner.encode(conditions)
     sizes = pipe.sample_library_size(generated_latents, label_ids, generator).numpy()
-    full = pipe(conditions={label_key: list(labels)}, generator=generator).cells
-
-    def standardized(latents):
-        return pipe.vae.normalize_latents(latents).flatten(1).numpy()
+    if decode_latent_noise is None:
+        full = pipe(conditions=conditions, generator=generator).cells
+    else:
+        latents = pipe(conditions=conditions, output_type="latent", generator=generator).cells
+        full_sizes = pipe.sample_library_size(latents, label_ids, generator)
+        full = with_counts(test, pipe.decode_counts(decoder_input(latents), full_sizes, generator), genes)
 
     floor_latents = standardized(torch.from_numpy(encode_dataset(pipe.vae, floor)))
     return {
@@ -260,14 +276,15 @@ def training_length(stage_dir: Path) -> str:
 
 def diagnose(cells: ad.AnnData, label_key: str, seed: int, recipe: Path, overrides: dict, dit_overrides: dict,
              workdir: Path, reuse_trained: bool = False, scvi_early_stopping: bool = False,
-             refit_library_size: str | None = None, selection_split: bool = False) -> dict:
+             refit_library_size: str | None = None, selection_split: bool = False,
+             decode_latent_noise: float | None = None) -> dict:
     """One seed: split, train both models, diagnose both; returns ``{"scores", "wall_s", "cpu_s", "steps"}``.
 
     `reuse_trained` takes the scLDM pipeline already trained in `workdir` (a rerun of the diagnosis only), with
     `refit_library_size` ("labels" / "latent") its library-size model refitted first (`refit_library_size_model`);
     `scvi_early_stopping` stops scVI on its held-out ELBO instead of its whole epoch heuristic (scvi-tools' default).
     `selection_split` diagnoses inside the seed's training cells (split again 60/20/20), never reading its floor or
-    test cells, so that a recipe can be chosen on the result.
+    test cells, so that a recipe can be chosen on the result. `decode_latent_noise`: see `diagnose_scldm`.
     """
     split = stratified_split(cells, label_key, seed=seed)
     if selection_split:
@@ -287,7 +304,7 @@ def diagnose(cells: ad.AnnData, label_key: str, seed: int, recipe: Path, overrid
     steps = {"VAE": training_length(workdir / "vae"), "DiT": training_length(pipeline_dir),
              "scVI epochs": len(scvi.model.history["elbo_train"])}
     print(f"seed {seed}: training wall time {wall}, CPU time {cpu}, steps {steps}", flush=True)
-    scores = {"scLDM": diagnose_scldm(pipeline_dir, train, floor, test, label_key, seed),
+    scores = {"scLDM": diagnose_scldm(pipeline_dir, train, floor, test, label_key, seed, decode_latent_noise),
               "scVI": diagnose_scvi(scvi, train, floor, test, label_key, seed)}
     return {"scores": scores, "wall_s": wall, "cpu_s": cpu, "steps": steps}
 
@@ -298,7 +315,8 @@ def run_seed(cells, label_key, seed, args, overrides, dit_overrides, workdir: Pa
     if args.resume and record_path.is_file():
         return json.loads(record_path.read_text())
     record = diagnose(cells, label_key, seed, args.recipe, overrides, dit_overrides, workdir, args.reuse_trained,
-                      args.scvi_early_stopping, args.refit_library_size, args.selection_split)
+                      args.scvi_early_stopping, args.refit_library_size, args.selection_split,
+                      args.decode_latent_noise)
     workdir.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))
     return record
@@ -341,6 +359,10 @@ def main() -> None:
                         help="diagnose inside each seed's training cells, split again 60/20/20 (train / floor / "
                              "held-out): the data set's floor and test cells are never read, so a recipe (--recipe) "
                              "can be chosen on this table")
+    parser.add_argument("--decode-latent-noise", type=float, metavar="SD",
+                        help="decode scLDM's generated latents plus Gaussian noise of SD training-latent stds per "
+                             "coordinate (e.g. the decoder_latent_noise its VAE was trained with); library sizes "
+                             "still follow the clean latent")
     parser.add_argument("--resume", action="store_true",
                         help="with --workdir: read back the seeds already diagnosed there (WORKDIR/<dataset>/seed<k>/"
                              "record.json), e.g. seeds run by separate processes, and diagnose only the others")

@@ -404,6 +404,7 @@ def test_latent_library_size_ridge_is_chosen_by_cross_validation_and_its_noise_m
         residual = log_size[held_out] - mean.double()
         nll = 0.5 * (torch.log(2 * torch.pi * var.double()) + residual**2 / var.double())
         scores[ridge] = (chosen, float(nll.mean()), float(var.double().mean().sqrt()))
+        assert conditioner.config.latent_library_ridge == chosen  # saved with the pipeline
     assert scores[1.0][0] == 1.0 and scores[None][0] > 3.0
     assert scores[None][1] < scores[1.0][1]
     # the noise drawn is the true 0.3 (the fit's own residuals: ~0.27 at ~120 effective parameters of 600 cells)

@@ -12,6 +12,8 @@ import pytest
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 
 from scldm_hf.evaluation import ProtocolCardMetrics
+from scldm_hf.models.conditioning import RIDGE_CANDIDATES
+from scldm_hf.pipelines import SCLDMPipeline
 from scldm_hf.training import DiTTrainingConfig, VAETrainingConfig, load_config
 from scldm_hf.training.dit import train_dit
 from scldm_hf.training.vae import train_vae
@@ -98,6 +100,8 @@ def test_pipeline_card_reports_generation_metrics_under_the_protocol(pushed_vae,
     text = card.text
     assert "**Cells:** 200 (100 for training, 100 held out for validation)" in text
     assert "log-normal model, shifted by a linear regression on each generated latent" in text  # the default
+    ridge = SCLDMPipeline.from_pretrained(output_dir).conditioner.config.latent_library_ridge
+    assert ridge in RIDGE_CANDIDATES and f"ridge {ridge:g},\nchosen by generalised cross-validation" in text
     metrics = final_metrics(output_dir)
     assert {"validation_flow_matching_loss", "mmd_rbf", "wasserstein_2", "classifier_auroc"} <= set(metrics)
     # the card's protocol: PCA on the training cells, equal counts, the real floor (held-out cells split) beside

@@ -175,11 +175,13 @@ class CellConditioner(ModelMixin, ConfigMixin):
         covariate_labels (`dict[str, list[str]]`, *optional*): The labels of each covariate.
         num_library_size_groups (`int`, defaults to 1): Number `C` of groups (set by `fit_library_size`).
         num_latent_features (`int`, defaults to 0): Length `F` of the latent model's weight; 0: labels only.
+        latent_library_ridge (`float`, *optional*): The ridge penalty the latent model was fitted with (set by
+            `fit_latent_library_size`; provenance only).
     """
 
     @register_to_config
     def __init__(self, covariate_labels: dict[str, list[str]] | None = None, num_library_size_groups: int = 1,
-                 num_latent_features: int = 0):
+                 num_latent_features: int = 0, latent_library_ridge: float | None = None):
         super().__init__()
         covariate_labels = {name: list(labels) for name, labels in (covariate_labels or {}).items()}
         self.register_to_config(covariate_labels=covariate_labels)
@@ -265,7 +267,7 @@ class CellConditioner(ModelMixin, ConfigMixin):
             lowest, highest = min(lowest, float(offset.min())), max(highest, float(offset.max()))
         self.register_buffer("latent_library_weight", weight.to(self.group_log_mean))
         self.register_buffer("latent_offset_range", torch.tensor([lowest, highest]).to(self.group_log_mean))
-        self.register_to_config(num_latent_features=len(weight))
+        self.register_to_config(num_latent_features=len(weight), latent_library_ridge=ridge)
         label_ids, num_cells, log_mean, log_var = moments.groups()
         self.set_library_size_groups(label_ids, num_cells, log_mean, log_var * variance_factor)
         return ridge

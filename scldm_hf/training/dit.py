@@ -325,6 +325,7 @@ def publish_pipeline(config: DiTTrainingConfig, pipeline: SCLDMPipeline, info: C
         metric_descriptions=metric_descriptions,
         example_conditions=json.dumps(example_conditions, ensure_ascii=False) if labels else None,
         latent_library_size=pipeline.conditioner.uses_latents,
+        latent_library_ridge=pipeline.conditioner.config.latent_library_ridge,
     ))
 
 
