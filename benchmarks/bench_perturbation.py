@@ -39,6 +39,12 @@ moved in the right direction. The report: mean ± sd over seeds, wins beyond see
     python benchmarks/bench_perturbation.py --folds B CD4T --seeds 0 1 2 --save-table a.csv &   # split over cores
     python benchmarks/bench_perturbation.py --folds NK --seeds 0 1 2 --save-table b.csv; wait
     python benchmarks/bench_perturbation.py --summarize a.csv b.csv
+
+To choose a recipe without a test fold (issue 16 item 5), ``--inside-fold T`` drops (T, stimulated) before
+anything else: every fold of the run then holds out another type's stimulated cells from fold T's training cells,
+a validation fold of T that never reads T's held-out cells.
+
+    python benchmarks/bench_perturbation.py --inside-fold CD4T --folds FCGR3A+Mono B --seeds 0
 """
 
 import argparse
@@ -247,6 +253,9 @@ def main() -> None:
                              "same config (which gives the same VAE), retrain the rest")
     parser.add_argument("--save-table", type=Path, default=None,
                         help="write the metrics to this CSV after every fold and seed (a partial run keeps them)")
+    parser.add_argument("--inside-fold", choices=CELL_TYPES, default=None,
+                        help="run inside this fold's training cells: its (type, stimulated) cells are dropped first, "
+                             "so every --folds type (another one) is a validation fold for choosing a recipe")
     parser.add_argument("--summarize", type=Path, nargs="+", default=None,
                         help="only summarize CSVs of --save-table (e.g. folds or seeds run as separate processes)")
     args = parser.parse_args()
@@ -259,6 +268,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     cells = load_kang()
+    if args.inside_fold is not None:
+        if args.inside_fold in args.folds:
+            parser.error(f"--folds must not hold {args.inside_fold}: --inside-fold drops its stimulated cells")
+        cells = split_held_out(cells, [args.inside_fold])[0]
     start, tables = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as scratch:
         output_dir = args.output_dir or Path(scratch)
