@@ -11,8 +11,9 @@ train on the train cells. Each stage is then scored against the held-out test ce
   training cells' latent means and stds (scLDM: the VAE's latent statistics; scVI: posterior means of the training
   cells), the floor being the encoded floor cells; then those latents decoded at the test cells' real library sizes.
 - (c) library-size model: KS statistic and W1 of log library sizes drawn for the test labels (scLDM: its per-label
-  log-normal, shifted by the latent regression for the generated latents of (b) where the pipeline has one; scVI's
-  generator: the library size of a random training cell of the label) against the test cells'.
+  log-normal, shifted by the latent regression for the generated latents of (b) where the pipeline has one, or the
+  depths of those latents' nearest training cells with the nearest-cell model; scVI's generator: the library size
+  of a random training cell of the label) against the test cells'.
 - (d) count noise model: the round-trip counts of (a) (same decoded means, NB draw) against the real test counts, by
   per-gene zero fraction and log1p Fano factor (variance / mean), mean absolute error over genes, per label.
 - (e) full generation, as `bench_generation.py` scores it (library sizes from each model's library-size model).
@@ -281,7 +282,7 @@ def diagnose(cells: ad.AnnData, label_key: str, seed: int, recipe: Path, overrid
     """One seed: split, train both models, diagnose both; returns ``{"scores", "wall_s", "cpu_s", "steps"}``.
 
     `reuse_trained` takes the scLDM pipeline already trained in `workdir` (a rerun of the diagnosis only), with
-    `refit_library_size` ("labels" / "latent") its library-size model refitted first (`refit_library_size_model`);
+    `refit_library_size` ("labels" / "latent" / "nearest") its library-size model refitted first (`refit_library_size_model`);
     `scvi_early_stopping` stops scVI on its held-out ELBO instead of its whole epoch heuristic (scvi-tools' default).
     `selection_split` diagnoses inside the seed's training cells (split again 60/20/20), never reading its floor or
     test cells, so that a recipe can be chosen on the result. `decode_latent_noise`: see `diagnose_scldm`.

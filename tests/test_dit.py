@@ -411,6 +411,84 @@ def test_latent_library_size_ridge_is_chosen_by_cross_validation_and_its_noise_m
     assert abs(scores[None][2] - 0.3) < 0.015
 
 
+def test_nearest_library_size_model_draws_depths_of_the_nearest_training_cells_of_the_label(tmp_path):
+    """The nearest-cell model gives a generated latent the depth of one of its 5 nearest training cells of its label
+    (so depth follows cell state without a linear fit); labels without reference cells fall back to the log-normals;
+    it saves and reloads, and draws one normal per cell like the other models (a seeded generation's later draws do
+    not depend on the model)."""
+    generator = torch.Generator().manual_seed(6)
+    cell_type, features, library_size, weight = latent_depth_cells(3000, generator)
+    conditioner = CellConditioner(covariate_labels={"cell_type": ["T", "B"]})
+    conditioner.fit_nearest_library_size(batches_of(cell_type, features, library_size, 401))
+    assert conditioner.library_size_model == "nearest" and conditioner.uses_latents
+    assert conditioner.reference_features.shape == (3000, 6) and conditioner.config.library_size_neighbours == 5
+    torch.testing.assert_close(conditioner.reference_log_library_size.double(), library_size.log(), rtol=0, atol=1e-4)
+
+    cells = torch.tensor([0] * 2000 + [1] * 2000)
+    latent_features = (torch.randn(4000, 6, generator=generator) + 2.0 * cells[:, None]).float()
+    drawn = conditioner.sample_library_size({"cell_type": cells}, 4000, generator, latent_features=latent_features)
+    def distance_to_training_depths(drawn, labels):
+        """`[n]`: distance of each drawn log depth to the nearest log depth of a training cell of its label."""
+        gaps = (drawn.log().double()[:, None] - library_size.log()[None, :]).abs()
+        return gaps.masked_fill(labels[:, None] != cell_type[None, :], np.inf).min(dim=1).values
+
+    assert float(distance_to_training_depths(drawn, cells).max()) < 1e-4  # a training cell's depth, of its label
+    expected = torch.where(cells == 0, np.log(2000.0), np.log(500.0)) + (latent_features - 2.0 * cells[:, None]).double() @ weight
+    residual = drawn.log().double() - expected
+    labels_only = CellConditioner(covariate_labels={"cell_type": ["T", "B"]})
+    labels_only.fit_library_size({"cell_type": cell_type}, library_size)
+    labels_residual = labels_only.sample_library_size({"cell_type": cells}, 4000, generator).log().double() - expected
+    assert float(residual.std()) < 0.5 * float(labels_residual.std())  # depth follows the latent
+
+    seeded = [torch.Generator().manual_seed(0) for _ in range(2)]
+    conditioner.sample_library_size({"cell_type": cells[:50]}, 50, seeded[0], latent_features=latent_features[:50])
+    labels_only.sample_library_size({"cell_type": cells[:50]}, 50, seeded[1])
+    assert torch.equal(torch.randn(5, generator=seeded[0]), torch.randn(5, generator=seeded[1]))
+    with pytest.raises(ConditionError, match="pass latent_features"):
+        conditioner.sample_library_size({"cell_type": cells}, 4000, generator)
+    with pytest.raises(InputDataError, match=r"\[cells, 6\]"):
+        conditioner.sample_library_size({"cell_type": cells[:2]}, 2, generator, latent_features=torch.zeros(2, 5))
+    with pytest.raises(ConditionError, match="not a log-normal"):
+        conditioner.log_library_size_distribution({"cell_type": cells}, 4000, latent_features)
+
+    conditioner.save_pretrained(tmp_path)
+    reloaded = CellConditioner.from_pretrained(tmp_path)
+    for name in ("reference_label_ids", "reference_features", "reference_log_library_size", "group_log_mean"):
+        assert torch.equal(getattr(reloaded, name), getattr(conditioner, name)), name
+    again = [model.sample_library_size({"cell_type": cells[:50]}, 50, torch.Generator().manual_seed(1),
+                                       latent_features=latent_features[:50]) for model in (conditioner, reloaded)]
+    assert torch.equal(again[0], again[1])
+
+    # a new label has no reference cells (the pooled log-normal), a new covariate matches every reference cell
+    reloaded.add_labels("cell_type", ["NK"])
+    reloaded.add_covariate("condition", ["control", "stimulated"])
+    assert reloaded.reference_label_ids.shape == (3000, 2) and (reloaded.reference_label_ids[:, 1] == -1).all()
+    new = reloaded.sample_library_size({"cell_type": torch.tensor([2, 1]), "condition": torch.tensor([1, 1])}, 2,
+                                       generator, latent_features=latent_features[[0, 3999]])
+    assert float(distance_to_training_depths(new[1:], torch.tensor([1]))) < 1e-4 and torch.isfinite(new).all()
+
+
+def test_nearest_library_size_model_keeps_a_uniform_sample_of_reference_cells():
+    """Beyond `max_cells` training cells the reference cells are a uniform sample (both labels in proportion), the
+    same for the same seed, whatever the batch size; a latent conditioner refuses the nearest-cell fit."""
+    generator = torch.Generator().manual_seed(7)
+    cell_type, features, library_size, _ = latent_depth_cells(3000, generator)
+    samples = []
+    for batch_size in (3000, 3000, 256):
+        conditioner = CellConditioner(covariate_labels={"cell_type": ["T", "B"]})
+        conditioner.fit_nearest_library_size(batches_of(cell_type, features, library_size, batch_size), max_cells=500)
+        samples.append(conditioner)
+    assert samples[0].config.num_reference_cells == 500
+    assert torch.equal(samples[0].reference_features, samples[1].reference_features)
+    fraction_b = float(samples[0].reference_label_ids.float().mean())
+    assert abs(fraction_b - float(cell_type.float().mean())) < 0.06
+    assert int(samples[0].group_num_cells.sum()) == 3000  # the log-normal fallback sees every cell
+    latent = CellConditioner(covariate_labels={"cell_type": ["T", "B"]})
+    latent.fit_latent_library_size(batches_of(cell_type, features, library_size, 3000))
+    with pytest.raises(ConditionError, match="fresh CellConditioner"):
+        latent.fit_nearest_library_size(batches_of(cell_type, features, library_size, 3000))
+
+
 def test_conditioner_encodes_dicts_and_dataframes(conditioner):
     ids = conditioner.encode({"cell_type": ["B", "T", "B"], "condition": ["stim", "ctrl", "ctrl"]})
     assert torch.equal(ids["cell_type"], torch.tensor([1, 0, 1]))

@@ -163,5 +163,15 @@ def test_refit_library_size_model_reproduces_training_and_switches_models(pretra
     cells = labels_only(conditions={"cell_type": ["CD14+ Monocyte"]}, num_cells=3, num_inference_steps=2,
                         generator=torch.Generator().manual_seed(0)).cells
     assert cells.shape == (3, 765) and cells.X.sum(axis=1).min() > 0
+    nearest = refit_library_size_model(folder, "nearest")
+    assert nearest.conditioner.library_size_model == "nearest"
+    assert nearest.conditioner.config.num_reference_cells == int(labels_only.conditioner.group_num_cells.sum())
+    torch.testing.assert_close(nearest.conditioner.group_log_mean, labels_only.conditioner.group_log_mean)
+    conditions = {"cell_type": ["CD14+ Monocyte"]}
+    latents = nearest(conditions=conditions, num_cells=3, num_inference_steps=2, output_type="latent",
+                      generator=torch.Generator().manual_seed(0)).cells
+    sizes = nearest.sample_library_size(latents, nearest.conditioner.encode(conditions, 3))
+    references = nearest.conditioner.reference_log_library_size
+    assert (sizes.log()[:, None] - references[None, :]).abs().min(dim=1).values.max() < 1e-4  # training depths
     with pytest.raises(ConfigurationError, match="library_size_model='lat' is not one of"):
         refit_library_size_model(folder, "lat")  # a typo used to fit the labels model silently

@@ -2,8 +2,9 @@
 
 `CellConditioner` turns human-readable conditions (`{"cell_type": ["B", "NK"]}` or a DataFrame) into the label ids the
 `LatentDiTTransformer` consumes, and samples the library size the VAE decoder scales its gene means with: a
-log-normal per label combination, optionally shifted by a linear function of the cell's (generated) latent, since a
-cell's sequencing depth follows its state within a label (a pooled atlas most of all). Label
+log-normal per label combination, optionally shifted by a linear function of the cell's (generated) latent, or the
+depth of one of the generated latent's nearest training cells of its labels, since a cell's sequencing depth
+follows its state within a label (a pooled atlas most of all). Label
 `covariate_labels[name][i]` has id `i`; id `len(covariate_labels[name])` is the null label, as in the transformer.
 """
 
@@ -22,6 +23,8 @@ from ..validation import check_conditions
 ANY_LABEL = -1  # group_label_ids entry that matches any label (e.g. a covariate added after the library-size fit)
 _MAX_LISTED_LABELS = 30
 _COLUMN_BATCH_SIZE = 65_536  # rows per read of the label and library-size columns
+MAX_REFERENCE_CELLS = 20_000  # training cells the nearest-cell library-size model keeps (a uniform sample beyond)
+_NEIGHBOUR_QUERY_CELLS = 1024  # generated cells per block of distances to the reference cells
 LibrarySizeBatch = tuple[dict[str, torch.LongTensor], torch.Tensor, torch.Tensor]  # label ids, sizes, features
 
 
@@ -83,6 +86,37 @@ class LibrarySizeMoments:
             log_var[single] = (num_cells[measured] * log_var[measured]).sum() / num_cells[measured].sum()
         label_ids = torch.tensor(keys, dtype=torch.long).reshape(len(keys), len(self.covariate_names))
         return label_ids, num_cells, log_mean, log_var
+
+
+class ReferenceCellSample:
+    """A uniform random sample of at most `max_cells` training cells (label ids, latent features, log library size),
+    fed batch by batch: every cell draws a random key and the cells of the `max_cells` smallest keys are kept (a
+    reservoir sample), so a corpus of any size is sampled holding `max_cells` rows and one batch."""
+
+    def __init__(self, covariate_names: list[str], max_cells: int, seed: int = 0):
+        self.covariate_names = list(covariate_names)
+        self.max_cells = max_cells
+        self.generator = torch.Generator().manual_seed(seed)
+        self.keys = torch.empty(0, dtype=torch.float64)
+        self.label_ids = torch.empty(0, len(self.covariate_names), dtype=torch.long)
+        self.features: torch.Tensor | None = None  # [cells, F]
+        self.log_library_size = torch.empty(0, dtype=torch.float64)
+
+    def add(self, covariates: dict[str, torch.LongTensor], library_size: torch.Tensor, features: torch.Tensor) -> None:
+        """Add cells: label ids `{name: [n]}`, total counts `[n]` (> 0) and latent features `[n, F]`."""
+        log_size = log_library_size(library_size)
+        features = torch.as_tensor(features, dtype=torch.float32).cpu()
+        label_ids = torch.stack([torch.as_tensor(covariates[name]).long().cpu() for name in self.covariate_names], 1) \
+            if self.covariate_names else torch.empty(len(log_size), 0, dtype=torch.long)
+        keys = torch.rand(len(log_size), generator=self.generator, dtype=torch.float64)
+        self.keys = torch.cat([self.keys, keys])
+        self.label_ids = torch.cat([self.label_ids, label_ids])
+        self.features = features if self.features is None else torch.cat([self.features, features])
+        self.log_library_size = torch.cat([self.log_library_size, log_size])
+        if len(self.keys) > self.max_cells:
+            kept = self.keys.topk(self.max_cells, largest=False).indices.sort().values
+            self.keys, self.label_ids = self.keys[kept], self.label_ids[kept]
+            self.features, self.log_library_size = self.features[kept], self.log_library_size[kept]
 
 
 # ridge penalties `fit_latent_library_size` chooses among by generalised cross-validation (standardised features)
@@ -164,6 +198,14 @@ class CellConditioner(ModelMixin, ConfigMixin):
     covariates that are not given (or given as null) match any label, and label combinations never seen in training
     fall back to the fit over all cells.
 
+    With a nearest-cell model (`fit_nearest_library_size`, `num_reference_cells` M > 0) a generated cell takes the
+    library size of one of its `library_size_neighbours` nearest reference cells (Euclidean, in the standardised,
+    flattened latent `f [F]`) among those with its labels, as scVI's generated cell keeps the depth of the training
+    cell it was sampled from; label combinations without reference cells fall back to the groups' log-normals. The
+    reference cells are a uniform sample of at most `MAX_REFERENCE_CELLS` training cells (persistent buffers):
+
+        reference_label_ids [M, K]   reference_features [M, F]   reference_log_library_size [M]
+
     With a latent model (`fit_latent_library_size`, `num_latent_features` F > 0) the log library size is also
     linear in the cell's standardised, flattened latent `f [F]`: `log L = f @ latent_library_weight + u`, `u` drawn
     from the group's log-normal, whose moments are then those of `log L - f @ latent_library_weight`, the variance
@@ -177,11 +219,16 @@ class CellConditioner(ModelMixin, ConfigMixin):
         num_latent_features (`int`, defaults to 0): Length `F` of the latent model's weight; 0: labels only.
         latent_library_ridge (`float`, *optional*): The ridge penalty the latent model was fitted with (set by
             `fit_latent_library_size`; provenance only).
+        num_reference_cells (`int`, defaults to 0): Number `M` of reference cells of the nearest-cell model; 0: none.
+        num_reference_features (`int`, defaults to 0): Length `F` of their latent features.
+        library_size_neighbours (`int`, defaults to 5): How many nearest reference cells a generated cell's library
+            size is drawn from (uniformly).
     """
 
     @register_to_config
     def __init__(self, covariate_labels: dict[str, list[str]] | None = None, num_library_size_groups: int = 1,
-                 num_latent_features: int = 0, latent_library_ridge: float | None = None):
+                 num_latent_features: int = 0, latent_library_ridge: float | None = None,
+                 num_reference_cells: int = 0, num_reference_features: int = 0, library_size_neighbours: int = 5):
         super().__init__()
         covariate_labels = {name: list(labels) for name, labels in (covariate_labels or {}).items()}
         self.register_to_config(covariate_labels=covariate_labels)
@@ -193,11 +240,23 @@ class CellConditioner(ModelMixin, ConfigMixin):
         if num_latent_features:
             self.register_buffer("latent_library_weight", torch.zeros(num_latent_features))
             self.register_buffer("latent_offset_range", torch.zeros(2))
+        if num_reference_cells:
+            self.register_buffer("reference_label_ids", torch.zeros(num_reference_cells, num_covariates,
+                                                                    dtype=torch.long))
+            self.register_buffer("reference_features", torch.zeros(num_reference_cells, num_reference_features))
+            self.register_buffer("reference_log_library_size", torch.zeros(num_reference_cells))
+
+    @property
+    def library_size_model(self) -> str:
+        """"nearest" (`fit_nearest_library_size`), "latent" (`fit_latent_library_size`) or "labels"."""
+        if self.config.num_reference_cells:
+            return "nearest"
+        return "latent" if self.config.num_latent_features else "labels"
 
     @property
     def uses_latents(self) -> bool:
-        """Whether sampled library sizes depend on the cells' latents (`fit_latent_library_size`)."""
-        return self.config.num_latent_features > 0
+        """Whether sampled library sizes depend on the cells' latents (a nearest-cell or latent model)."""
+        return self.library_size_model != "labels"
 
     @property
     def covariate_names(self) -> list[str]:
@@ -272,6 +331,34 @@ class CellConditioner(ModelMixin, ConfigMixin):
         self.set_library_size_groups(label_ids, num_cells, log_mean, log_var * variance_factor)
         return ridge
 
+    def fit_nearest_library_size(self, batches: Callable[[], Iterable[LibrarySizeBatch]], num_neighbours: int = 5,
+                                 max_cells: int = MAX_REFERENCE_CELLS, seed: int = 0) -> None:
+        """Fit the nearest-cell model in one pass over `batches()` (as in `fit_latent_library_size`): keep a uniform
+        sample (`seed`) of at most `max_cells` training cells as reference cells, and the groups' log-normals of all
+        cells for label combinations without reference cells. Refused on a conditioner with a latent model."""
+        if self.config.num_latent_features:
+            raise ConditionError("This conditioner already has a latent library-size model; fit the nearest-cell "
+                                 "model on a fresh CellConditioner (as refit_library_size_model does).")
+        if num_neighbours < 1:
+            raise ConditionError(f"num_neighbours must be at least 1, got {num_neighbours}.")
+        references, moments = None, LibrarySizeMoments(self.covariate_names)
+        for covariates, library_size, features in batches():
+            self._check_covariate_keys(covariates, require_all=True)
+            if references is None:
+                references = ReferenceCellSample(self.covariate_names, max_cells, seed)
+            references.add(covariates, library_size, features)
+            moments.add(covariates, library_size)
+        if references is None:
+            raise InputDataError("fit_nearest_library_size got no cells; pass the training cells' batches.")
+        dtype, device = self.group_log_mean.dtype, self.group_log_mean.device
+        self.register_buffer("reference_label_ids", references.label_ids.to(device))
+        self.register_buffer("reference_features", references.features.to(device, dtype))
+        self.register_buffer("reference_log_library_size", references.log_library_size.to(device, dtype))
+        self.register_to_config(num_reference_cells=len(references.keys),
+                                num_reference_features=references.features.shape[1],
+                                library_size_neighbours=num_neighbours)
+        self.set_library_size_groups(*moments.groups())
+
     def fit_library_size_groups(self, batches: Callable[[], Iterable[LibrarySizeBatch]]) -> None:
         """Refit every group in one pass over `batches()` (as in `fit_latent_library_size`; without a latent model
         the features are not read): `fit_library_size` for cells read batch by batch."""
@@ -303,16 +390,18 @@ class CellConditioner(ModelMixin, ConfigMixin):
 
     def latent_log_offset(self, latent_features: torch.Tensor) -> torch.Tensor:
         """The latent model's share `[n]` of log library size for features `[n, F]` (zeros without a latent model)."""
-        if not self.uses_latents:
+        if not self.config.num_latent_features:
             return torch.zeros(len(latent_features), dtype=self.group_log_mean.dtype, device=self.device)
-        expected = self.config.num_latent_features
+        self._check_latent_features(latent_features, self.config.num_latent_features)
+        offset = latent_features.to(self.device, self.latent_library_weight.dtype) @ self.latent_library_weight
+        return offset.clamp(*self.latent_offset_range)  # latents off the training manifold do not extrapolate
+
+    def _check_latent_features(self, latent_features: torch.Tensor, expected: int) -> None:
         if latent_features.ndim != 2 or latent_features.shape[1] != expected:
             raise InputDataError(
                 f"latent features of shape {tuple(latent_features.shape)} do not fit the library-size model, which "
                 f"takes [cells, {expected}] standardised, flattened latents (vae.normalize_latents(z).flatten(1))."
             )
-        offset = latent_features.to(self.device, self.latent_library_weight.dtype) @ self.latent_library_weight
-        return offset.clamp(*self.latent_offset_range)  # latents off the training manifold do not extrapolate
 
     def set_library_size_groups(
         self,
@@ -356,37 +445,90 @@ class CellConditioner(ModelMixin, ConfigMixin):
         latent_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Draw library sizes `[N]` for cells with label ids `{name: LongTensor [N]}` (missing or null = any) and,
-        with a latent model, their latent features `[N, F]` (see the class docstring)."""
-        log_mean, log_var = self.log_library_size_distribution(covariates, num_cells, latent_features)
+        with a nearest-cell or latent model, their latent features `[N, F]` (see the class docstring).
+
+        Every model draws one standard normal per cell (the nearest-cell model picks the neighbour by its normal
+        CDF), so a seeded generation's other random draws do not depend on which library-size model it uses."""
+        self._require_latent_features(latent_features)
         noise = torch.randn(num_cells, generator=generator, device=generator.device if generator else "cpu")
-        return torch.exp(log_mean + log_var.sqrt() * noise.to(self.device, log_mean.dtype))
+        noise = noise.to(self.device, self.group_log_mean.dtype)
+        log_mean, log_var = self._group_log_normal(covariates, num_cells)
+        log_size = log_mean + log_var.sqrt() * noise
+        if self.library_size_model == "nearest":
+            log_size = self._nearest_log_library_size(covariates, latent_features, noise, fallback=log_size)
+        elif latent_features is not None:
+            log_size = log_size + self.latent_log_offset(latent_features)
+        return torch.exp(log_size)
 
     def log_library_size_distribution(
         self, covariates: dict[str, torch.LongTensor] | None, num_cells: int,
         latent_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance `[N]` of the normal log library size of each cell that `sample_library_size` draws."""
+        """Mean and variance `[N]` of the normal log library size of each cell that `sample_library_size` draws
+        (label and latent models; the nearest-cell model draws training cells' depths, not a log-normal)."""
+        if self.library_size_model == "nearest":
+            raise ConditionError("The nearest-cell library-size model draws the depths of training cells, not a "
+                                 "log-normal; use sample_library_size.")
+        self._require_latent_features(latent_features)
+        log_mean, log_var = self._group_log_normal(covariates, num_cells)
+        if latent_features is not None:
+            log_mean = log_mean + self.latent_log_offset(latent_features)
+        return log_mean, log_var
+
+    def _require_latent_features(self, latent_features: torch.Tensor | None) -> None:
         if self.uses_latents and latent_features is None:
             raise ConditionError(
                 "This library-size model depends on each cell's latent; pass latent_features "
                 "(vae.normalize_latents(latents).flatten(1)), as SCLDMPipeline.sample_counts does."
             )
-        covariates = covariates or {}
-        matches = torch.ones(num_cells, len(self.group_num_cells), dtype=torch.bool, device=self.device)
+
+    def _label_matches(self, covariates: dict[str, torch.LongTensor], num_cells: int,
+                       label_ids: torch.LongTensor) -> torch.BoolTensor:
+        """`[N, C]`: whether each cell's labels match each row of `label_ids [C, K]` (a missing or null label of the
+        cell, or `ANY_LABEL` in the row, matches any label)."""
+        matches = torch.ones(num_cells, len(label_ids), dtype=torch.bool, device=self.device)
         for column, name in enumerate(self.covariate_names):
             if name not in covariates:
                 continue
             ids = covariates[name].to(self.device)[:, None]
-            group_ids = self.group_label_ids[:, column]
-            matches &= (ids == group_ids) | (ids == self.num_labels[name]) | (group_ids == ANY_LABEL)
+            row_ids = label_ids[:, column]
+            matches &= (ids == row_ids) | (ids == self.num_labels[name]) | (row_ids == ANY_LABEL)
+        return matches
+
+    def _group_log_normal(self, covariates: dict[str, torch.LongTensor] | None,
+                          num_cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance `[N]` of the log-normal pooled over the groups matching each cell's labels (all groups
+        where none matches)."""
+        matches = self._label_matches(covariates or {}, num_cells, self.group_label_ids)
         matches[~matches.any(dim=1)] = True
         weights = matches.to(self.group_num_cells.dtype) * self.group_num_cells
         total = weights.sum(dim=1)
         log_mean = weights @ self.group_log_mean / total
         log_var = weights @ (self.group_log_var + self.group_log_mean**2) / total - log_mean**2
-        if latent_features is not None:
-            log_mean = log_mean + self.latent_log_offset(latent_features)
         return log_mean, log_var.clamp_min(0)
+
+    def _nearest_log_library_size(self, covariates: dict[str, torch.LongTensor] | None, latent_features: torch.Tensor,
+                                  noise: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """Log library size `[N]` of one of each cell's `library_size_neighbours` nearest reference cells with its
+        labels, picked uniformly by the cell's standard normal `noise [N]` (through its CDF); `fallback [N]` for
+        cells whose labels no reference cell has. `latent_features [N, F]`; distances in blocks of cells."""
+        self._check_latent_features(latent_features, self.config.num_reference_features)
+        num_cells = len(latent_features)
+        matches = self._label_matches(covariates or {}, num_cells, self.reference_label_ids)
+        num_matching = matches.sum(dim=1)
+        neighbours = min(self.config.library_size_neighbours, self.config.num_reference_cells)
+        choice = (torch.special.ndtr(noise) * num_matching.clamp(max=neighbours)).long()
+        choice = torch.minimum(choice, (num_matching - 1).clamp(min=0))
+        log_size = fallback.clone()
+        features = latent_features.to(self.device, self.reference_features.dtype)
+        for block in torch.arange(num_cells, device=self.device).split(_NEIGHBOUR_QUERY_CELLS):
+            distances = torch.cdist(features[block], self.reference_features)
+            distances[~matches[block]] = torch.inf
+            nearest = distances.topk(neighbours, dim=1, largest=False).indices  # [b, neighbours], nearest first
+            picked = nearest.gather(1, choice[block, None]).squeeze(1)
+            found = num_matching[block] > 0
+            log_size[block[found]] = self.reference_log_library_size[picked[found]].to(log_size.dtype)
+        return log_size
 
     def add_labels(self, name: str, labels: list[str]) -> None:
         """Append `labels` to covariate `name`; old label ids are unchanged (their library-size fits too)."""
@@ -402,14 +544,22 @@ class CellConditioner(ModelMixin, ConfigMixin):
         self.register_to_config(covariate_labels={**self.config.covariate_labels, name: known + labels})
 
     def add_covariate(self, name: str, labels: list[str]) -> None:
-        """Add covariate `name` with `labels`. Existing library-size groups match any of its labels until refitted."""
+        """Add covariate `name` with `labels`. Existing library-size groups (and reference cells) match any of its
+        labels until refitted."""
         if name in self.config.covariate_labels:
             raise ConditionError(f"Covariate {name!r} already exists; use `add_labels` to add labels to it.")
-        columns = dict(zip(self.covariate_names, self.group_label_ids.T))
-        columns[name] = torch.full_like(self.group_num_cells, ANY_LABEL, dtype=torch.long)
+        old_names = self.covariate_names
         labels = [str(label) for label in labels]
         self.register_to_config(covariate_labels={**self.config.covariate_labels, name: labels})
-        self.group_label_ids = torch.stack([columns[column] for column in self.covariate_names], dim=1)
+
+        def with_any_label(label_ids: torch.LongTensor) -> torch.LongTensor:
+            columns = dict(zip(old_names, label_ids.T))
+            columns[name] = torch.full((len(label_ids),), ANY_LABEL, dtype=torch.long, device=label_ids.device)
+            return torch.stack([columns[column] for column in self.covariate_names], dim=1)
+
+        self.group_label_ids = with_any_label(self.group_label_ids)
+        if self.config.num_reference_cells:
+            self.reference_label_ids = with_any_label(self.reference_label_ids)
 
     def _check_covariate_keys(self, names, require_all: bool) -> None:
         unknown = sorted(set(names) - set(self.covariate_names))

@@ -56,7 +56,7 @@ VAEModelOptions = _model_options("VAEModelOptions", SCVAEConfig, [
     if spec.name not in PreTrainedConfig.__dataclass_fields__
     and spec.name not in ("gene_names", "latents_mean", "latents_std")
 ])
-LibrarySizeModel = Literal["labels", "latent"]
+LibrarySizeModel = Literal["labels", "latent", "nearest"]
 LIBRARY_SIZE_MODELS = typing.get_args(LibrarySizeModel)
 # the latent shape comes from the VAE, the label counts from the corpus
 DiTModelOptions = _model_options("DiTModelOptions", LatentDiTTransformer, [
@@ -236,7 +236,9 @@ class DiTTrainingConfig(TrainingConfig):
     library_size_model: LibrarySizeModel = field(default="latent", metadata={
         "help": "Library sizes of generated cells: labels, a log-normal per label combination; latent, that "
                 "log-normal shifted by a ridge regression on the cell's latent (depth follows cell state within a "
-                "label). Fine-tuning keeps the pretrained pipeline's model and adds groups for new labels."})
+                "label); nearest, the depth of one of the generated latent's 5 nearest training cells of its labels "
+                "(as scVI's generated cell keeps its training cell's depth). Fine-tuning keeps the pretrained "
+                "pipeline's model and adds groups for new labels."})
     use_ema: bool = field(default=True, metadata={
         "help": "Keep an exponential moving average of the DiT weights; the EMA weights are saved."})
     ema_decay: float = field(default=0.999, metadata={"help": "Decay of the EMA."})

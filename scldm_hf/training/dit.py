@@ -191,7 +191,8 @@ def standardize_latents(vae: SCVAEModel, train: TrainingData) -> None:
 def fit_library_size_model(pipeline: SCLDMPipeline, train: TrainingData, covariates: list[str],
                            library_size_model: LibrarySizeModel, extend: bool) -> None:
     """Fit the conditioner's library-size model on the training latent rows (`library_size_model` "latent": the
-    latent regression; "labels": the per-label log-normals alone), or with `extend` (fine-tuning) add the new cells'
+    latent regression; "nearest": reference cells for the nearest-cell draw; "labels": the per-label log-normals
+    alone), or with `extend` (fine-tuning) add the new cells'
     label groups to the pretrained model, whichever kind it is. Streams `train`."""
     conditioner = pipeline.conditioner
 
@@ -210,6 +211,8 @@ def fit_library_size_model(pipeline: SCLDMPipeline, train: TrainingData, covaria
         conditioner.add_library_size_groups(batches)
     elif library_size_model == "latent":
         conditioner.fit_latent_library_size(batches)
+    elif library_size_model == "nearest":
+        conditioner.fit_nearest_library_size(batches)
     else:
         conditioner.fit_library_size_groups(batches)
 
@@ -324,7 +327,8 @@ def publish_pipeline(config: DiTTrainingConfig, pipeline: SCLDMPipeline, info: C
         PIPELINE_TEMPLATE, config, provenance, metrics, library_name="diffusers", base_model=base_model,
         metric_descriptions=metric_descriptions,
         example_conditions=json.dumps(example_conditions, ensure_ascii=False) if labels else None,
-        latent_library_size=pipeline.conditioner.uses_latents,
+        library_size_model=pipeline.conditioner.library_size_model,
+        library_size_neighbours=pipeline.conditioner.config.library_size_neighbours,
         latent_library_ridge=pipeline.conditioner.config.latent_library_ridge,
     ))
 
