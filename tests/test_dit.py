@@ -466,6 +466,16 @@ def test_nearest_library_size_model_draws_depths_of_the_nearest_training_cells_o
     new = reloaded.sample_library_size({"cell_type": torch.tensor([2, 1]), "condition": torch.tensor([1, 1])}, 2,
                                        generator, latent_features=latent_features[[0, 3999]])
     assert float(distance_to_training_depths(new[1:], torch.tensor([1]))) < 1e-4 and torch.isfinite(new).all()
+    # fine-tuning on the new label adds its cells as reference cells: its draws are then its own cells' depths
+    nk_type, nk_features = torch.full((300,), 2), torch.randn(300, 6, generator=generator, dtype=torch.float64)
+    nk_sizes = (np.log(4000.0) + nk_features @ weight + 0.05 * torch.randn(300, generator=generator,
+                                                                           dtype=torch.float64)).exp()
+    reloaded.add_library_size_groups(lambda: [({"cell_type": nk_type, "condition": torch.full((300,), 1)}, nk_sizes,
+                                               nk_features)])
+    assert reloaded.config.num_reference_cells == 3300 and reloaded.config.num_library_size_groups == 3
+    nk_drawn = reloaded.sample_library_size({"cell_type": torch.full((20,), 2)}, 20, generator,
+                                            latent_features=nk_features[:20].float())
+    assert (nk_drawn.log().double()[:, None] - nk_sizes.log()[None, :]).abs().min(dim=1).values.max() < 1e-4
 
 
 def test_nearest_library_size_model_keeps_a_uniform_sample_of_reference_cells():

@@ -333,7 +333,7 @@ class CellConditioner(ModelMixin, ConfigMixin):
 
     def fit_nearest_library_size(self, batches: Callable[[], Iterable[LibrarySizeBatch]], num_neighbours: int = 5,
                                  max_cells: int = MAX_REFERENCE_CELLS, seed: int = 0) -> None:
-        """Fit the nearest-cell model in one pass over `batches()` (as in `fit_latent_library_size`): keep a uniform
+        """Fit the nearest-cell model in two passes over `batches()` (as in `fit_latent_library_size`): keep a uniform
         sample (`seed`) of at most `max_cells` training cells as reference cells, and the groups' log-normals of all
         cells for label combinations without reference cells. Refused on a conditioner with a latent model."""
         if self.config.num_latent_features:
@@ -341,23 +341,32 @@ class CellConditioner(ModelMixin, ConfigMixin):
                                  "model on a fresh CellConditioner (as refit_library_size_model does).")
         if num_neighbours < 1:
             raise ConditionError(f"num_neighbours must be at least 1, got {num_neighbours}.")
-        references, moments = None, LibrarySizeMoments(self.covariate_names)
+        references = self._sample_reference_cells(batches, max_cells, seed)
+        self._set_reference_cells(references.label_ids, references.features, references.log_library_size)
+        self.register_to_config(library_size_neighbours=num_neighbours)
+        self.fit_library_size_groups(batches)
+
+    def _sample_reference_cells(self, batches: Callable[[], Iterable[LibrarySizeBatch]], max_cells: int,
+                                seed: int) -> ReferenceCellSample:
+        """A `ReferenceCellSample` of the cells of `batches()` (one pass)."""
+        references = None
         for covariates, library_size, features in batches():
             self._check_covariate_keys(covariates, require_all=True)
             if references is None:
                 references = ReferenceCellSample(self.covariate_names, max_cells, seed)
             references.add(covariates, library_size, features)
-            moments.add(covariates, library_size)
         if references is None:
-            raise InputDataError("fit_nearest_library_size got no cells; pass the training cells' batches.")
+            raise InputDataError("The nearest-cell library-size model got no cells; pass the training cells' batches.")
+        return references
+
+    def _set_reference_cells(self, label_ids: torch.LongTensor, features: torch.Tensor,
+                             log_library_size: torch.Tensor) -> None:
+        """Replace the reference cells: label ids `[M, K]`, latent features `[M, F]`, log library sizes `[M]`."""
         dtype, device = self.group_log_mean.dtype, self.group_log_mean.device
-        self.register_buffer("reference_label_ids", references.label_ids.to(device))
-        self.register_buffer("reference_features", references.features.to(device, dtype))
-        self.register_buffer("reference_log_library_size", references.log_library_size.to(device, dtype))
-        self.register_to_config(num_reference_cells=len(references.keys),
-                                num_reference_features=references.features.shape[1],
-                                library_size_neighbours=num_neighbours)
-        self.set_library_size_groups(*moments.groups())
+        self.register_buffer("reference_label_ids", label_ids.to(device))
+        self.register_buffer("reference_features", features.to(device, dtype))
+        self.register_buffer("reference_log_library_size", log_library_size.to(device, dtype))
+        self.register_to_config(num_reference_cells=len(label_ids), num_reference_features=features.shape[1])
 
     def fit_library_size_groups(self, batches: Callable[[], Iterable[LibrarySizeBatch]]) -> None:
         """Refit every group in one pass over `batches()` (as in `fit_latent_library_size`; without a latent model
@@ -366,12 +375,20 @@ class CellConditioner(ModelMixin, ConfigMixin):
 
     def add_library_size_groups(self, batches: Callable[[], Iterable[LibrarySizeBatch]]) -> None:
         """Add the groups of new training cells (one pass over `batches()`, as in `fit_latent_library_size`) to the
-        fitted ones, keeping the latent model's weight: fine-tuning on new labels.
+        fitted ones, keeping the latent model's weight: fine-tuning on new labels. A nearest-cell model also adds a
+        uniform sample of at most `MAX_REFERENCE_CELLS` new cells to its reference cells (a second pass).
 
         Old groups keep their fits (covariates added since match any label); a label combination present in both old
         and new cells is then sampled from the cell-count-weighted pool of both, as `sample_library_size` pools
-        groups. A VAE fine-tuned since keeps the weight fitted on the old latents (same standardised coordinates).
+        groups. A VAE fine-tuned since keeps the weight (and reference latents) fitted on the old latents (same
+        standardised coordinates).
         """
+        if self.library_size_model == "nearest":
+            new = self._sample_reference_cells(batches, MAX_REFERENCE_CELLS, seed=0)
+            self._set_reference_cells(torch.cat([self.reference_label_ids, new.label_ids.to(self.device)]),
+                                      torch.cat([self.reference_features, new.features.to(self.reference_features)]),
+                                      torch.cat([self.reference_log_library_size,
+                                                 new.log_library_size.to(self.reference_log_library_size)]))
         label_ids, num_cells, log_mean, log_var = self._group_moments(batches)
         self.set_library_size_groups(
             torch.cat([self.group_label_ids, label_ids.to(self.device)]),
