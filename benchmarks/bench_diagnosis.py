@@ -264,6 +264,31 @@ def stage_of_the_gap(runs: list[dict]) -> str:
     return f"full-generation MMD² gap scLDM - scVI {gap('e'):+.4f} = {listed}: the {loser} loses the distance."
 
 
+PAIRED_ROWS = [("e", metric) for metric in COUNT_METRICS] + [("b decoded", "mmd_rbf"), ("c", "KS log library size")]
+
+
+def paired_table(runs: list[dict], baseline_runs: list[dict], seeds: list[int]) -> str:
+    """Markdown table of the same seeds diagnosed twice (e.g. one trained pipeline per seed, two library-size models):
+    per seed the full-generation MMD² of both scLDM arms, scVI's and the floor (this run's), then per metric the mean
+    ± sd over seeds of the paired differences, this run minus the baseline and this run minus scVI."""
+    def score(run, model, stage, metric):
+        return run[model][stage][metric][0]
+
+    lines = ["| seed | scLDM (this run) | scLDM (baseline) | scVI | floor |", "|---|---|---|---|---|"]
+    for seed, run, baseline in zip(seeds, runs, baseline_runs):
+        lines.append(f"| {seed} | {score(run, 'scLDM', 'e', 'mmd_rbf'):.3f} | {score(baseline, 'scLDM', 'e', 'mmd_rbf'):.3f}"
+                     f" | {score(run, 'scVI', 'e', 'mmd_rbf'):.3f} | {run['scLDM']['e']['mmd_rbf'][1]:.3f} |")
+    lines += ["", "| stage | metric | this run | baseline | this run - baseline | this run - scVI |",
+              "|---|---|---|---|---|---|"]
+    for stage, metric in PAIRED_ROWS:
+        ours = np.array([score(run, "scLDM", stage, metric) for run in runs])
+        base = np.array([score(run, "scLDM", stage, metric) for run in baseline_runs])
+        scvi = np.array([score(run, "scVI", stage, metric) for run in runs])
+        lines.append(f"| {STAGES[stage]} | {metric} | {mean_sd(ours)} | {mean_sd(base)} | {mean_sd(ours - base)} | "
+                     f"{mean_sd(ours - scvi)} |")
+    return "\n".join(lines)
+
+
 def training_length(stage_dir: Path) -> str:
     """``"<steps run> (best <step>)"`` of a trained stage, read from its ``logs/metrics.csv``: the best check of the
     score its early stopping watched (``early_stopping_metric`` of its ``training_config.yaml``)."""
@@ -364,6 +389,9 @@ def main() -> None:
                         help="decode scLDM's generated latents plus Gaussian noise of SD training-latent stds per "
                              "coordinate (e.g. the decoder_latent_noise its VAE was trained with); library sizes "
                              "still follow the clean latent")
+    parser.add_argument("--paired-with", type=Path, metavar="WORKDIR",
+                        help="also print the paired differences to the same seeds diagnosed in WORKDIR (their "
+                             "record.json), e.g. the same trained pipelines before --refit-library-size")
     parser.add_argument("--resume", action="store_true",
                         help="with --workdir: read back the seeds already diagnosed there (WORKDIR/<dataset>/seed<k>/"
                              "record.json), e.g. seeds run by separate processes, and diagnose only the others")
@@ -390,6 +418,10 @@ def main() -> None:
               f"Environment: {run_environment()}.\nTraining time: {times}."
               f"\nTraining length (steps run, best held-out check): {steps}.\n\n{diagnosis_table(runs)}\n\n"
               f"{stage_of_the_gap(runs)}\n", flush=True)
+        if args.paired_with:
+            baseline_runs = [json.loads((args.paired_with / name / f"seed{seed}" / "record.json").read_text())["scores"]
+                             for seed in args.seeds]
+            print(f"Paired with {args.paired_with}:\n\n{paired_table(runs, baseline_runs, args.seeds)}\n", flush=True)
 
 
 if __name__ == "__main__":
