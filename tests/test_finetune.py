@@ -165,6 +165,8 @@ def test_refit_library_size_model_reproduces_training_and_switches_models(pretra
     assert cells.shape == (3, 765) and cells.X.sum(axis=1).min() > 0
     nearest = refit_library_size_model(folder, "nearest")
     assert nearest.conditioner.library_size_model == "nearest"
+    card = (folder / "README.md").read_text()  # the card now says how this model draws library sizes
+    assert "one of its 5 nearest training cells of its condition" in card and "log-normal" not in card
     assert nearest.conditioner.config.num_reference_cells == int(labels_only.conditioner.group_num_cells.sum())
     torch.testing.assert_close(nearest.conditioner.group_log_mean, labels_only.conditioner.group_log_mean)
     conditions = {"cell_type": ["CD14+ Monocyte"]}
@@ -175,3 +177,7 @@ def test_refit_library_size_model_reproduces_training_and_switches_models(pretra
     assert (sizes.log()[:, None] - references[None, :]).abs().min(dim=1).values.max() < 1e-4  # training depths
     with pytest.raises(ConfigurationError, match="library_size_model='lat' is not one of"):
         refit_library_size_model(folder, "lat")  # a typo used to fit the labels model silently
+    (folder / "README.md").write_text("a card written by hand")
+    with pytest.warns(UserWarning, match="update its description of library sizes by hand"):
+        refit_library_size_model(folder, "labels")
+    assert (folder / "README.md").read_text() == "a card written by hand"

@@ -217,7 +217,3 @@ def test_card_metadata_names_hub_ids_and_no_local_paths(tmp_path):
             ("validation_flow_matching_loss", 0.5)]
         assert str(tmp_path) not in str(card)
         assert ("Fine-tuned from `org/base`." if base else "Fine-tuned from a local pipeline.") in card.text
-    nearest = render_model_card(PIPELINE_TEMPLATE, config, provenance, {}, library_name="diffusers",
-                                metric_descriptions={}, library_size_model="nearest", library_size_neighbours=5)
-    assert "takes the depth of one of its\n5 nearest training cells of its condition" in nearest.text
-    assert "log-normal" not in nearest.text

@@ -101,7 +101,7 @@ def test_pipeline_card_reports_generation_metrics_under_the_protocol(pushed_vae,
     assert "**Cells:** 200 (100 for training, 100 held out for validation)" in text
     assert "log-normal model, shifted by a linear regression on each generated latent" in text  # the default
     ridge = SCLDMPipeline.from_pretrained(output_dir).conditioner.config.latent_library_ridge
-    assert ridge in RIDGE_CANDIDATES and f"ridge {ridge:g},\nchosen by generalised cross-validation" in text
+    assert ridge in RIDGE_CANDIDATES and f"ridge {ridge:g}, chosen by generalised cross-validation" in text
     metrics = final_metrics(output_dir)
     assert {"validation_flow_matching_loss", "mmd_rbf", "wasserstein_2", "classifier_auroc"} <= set(metrics)
     # the card's protocol: PCA on the training cells, equal counts, the real floor (held-out cells split) beside

@@ -7,6 +7,7 @@ is fitted on the training cells; the DiT is trained with an EMA of its weights; 
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from .data import (
 )
 from .hub import TRAINING_CONFIG_FILE, publish_model_folder
 from .loop import build_accelerator, build_lr_scheduler, build_optimizer, removed_if_setup_fails, train_loop
-from .model_card import PIPELINE_TEMPLATE, DataProvenance, render_model_card
+from .model_card import PIPELINE_TEMPLATE, DataProvenance, library_size_description, render_model_card
 
 logger = get_logger(__name__)
 
@@ -220,8 +221,8 @@ def fit_library_size_model(pipeline: SCLDMPipeline, train: TrainingData, covaria
 def refit_library_size_model(pipeline_dir: str | Path, library_size_model: LibrarySizeModel = "latent") -> SCLDMPipeline:
     """Refit the library-size model of a pipeline trained by `train_dit` in `pipeline_dir` (e.g. one trained before
     the latent model existed) on the training rows of its own latent cache, split as its training split them, and
-    save the pipeline in place (with the current model code). The VAE and DiT weights are unchanged. Returns the
-    reloaded pipeline."""
+    save the pipeline in place (with the current model code); its model card's sentence on library sizes is
+    rewritten to the new model. The VAE and DiT weights are unchanged. Returns the reloaded pipeline."""
     check_choice("library_size_model", library_size_model, LibrarySizeModel)
     pipeline_dir = Path(pipeline_dir)
     cache_dir = pipeline_dir / LATENT_CACHE_DIR
@@ -235,9 +236,17 @@ def refit_library_size_model(pipeline_dir: str | Path, library_size_model: Libra
     train = split_train_validation(cache, recipe["validation_fraction"], recipe["seed"])[0]
     train = train.select_columns(["latents", "library_size", *covariates]).with_format("numpy")
     labels = pipeline.conditioner.config.covariate_labels
+    old_description = library_size_description(pipeline.conditioner)
     pipeline.register_modules(conditioner=CellConditioner(covariate_labels=labels))
     fit_library_size_model(pipeline, train, covariates, library_size_model, extend=False)
     pipeline.save_pretrained(pipeline_dir)
+    card_path = pipeline_dir / "README.md"
+    card = card_path.read_text() if card_path.is_file() else ""
+    if old_description in card:
+        card_path.write_text(card.replace(old_description, library_size_description(pipeline.conditioner)))
+    else:
+        warnings.warn(f"{card_path} does not describe the old library-size model as this version writes it; "
+                      "update its description of library sizes by hand.", stacklevel=2)
     return SCLDMPipeline.from_pretrained(pipeline_dir)
 
 
@@ -327,9 +336,7 @@ def publish_pipeline(config: DiTTrainingConfig, pipeline: SCLDMPipeline, info: C
         PIPELINE_TEMPLATE, config, provenance, metrics, library_name="diffusers", base_model=base_model,
         metric_descriptions=metric_descriptions,
         example_conditions=json.dumps(example_conditions, ensure_ascii=False) if labels else None,
-        library_size_model=pipeline.conditioner.library_size_model,
-        library_size_neighbours=pipeline.conditioner.config.library_size_neighbours,
-        latent_library_ridge=pipeline.conditioner.config.latent_library_ridge,
+        library_size_description=library_size_description(pipeline.conditioner),
     ))
 
 

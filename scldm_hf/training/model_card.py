@@ -40,6 +40,21 @@ def portable_config(config: TrainingConfig) -> dict:
     return portable(config_to_dict(config))
 
 
+def library_size_description(conditioner) -> str:
+    """The pipeline card's words for how `conditioner` (a `CellConditioner`) draws generated cells' library sizes."""
+    if conditioner.library_size_model == "nearest":
+        return (f"library sizes of training cells: each generated latent takes the depth of one of its "
+                f"{conditioner.config.library_size_neighbours} nearest training cells of its condition (sequencing "
+                "depth follows cell state within a condition)")
+    description = "library sizes drawn from a per-condition log-normal model"
+    if conditioner.library_size_model == "latent":
+        ridge = conditioner.config.latent_library_ridge
+        chosen = f"; ridge {ridge:g}, chosen by generalised cross-validation" if ridge is not None else ""
+        description += (", shifted by a linear regression on each generated latent (sequencing depth follows cell "
+                        f"state within a condition{chosen})")
+    return description
+
+
 @dataclass
 class DataProvenance:
     """What a model was trained on, for its card."""
