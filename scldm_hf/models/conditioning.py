@@ -349,13 +349,11 @@ class CellConditioner(ModelMixin, ConfigMixin):
     def _sample_reference_cells(self, batches: Callable[[], Iterable[LibrarySizeBatch]], max_cells: int,
                                 seed: int) -> ReferenceCellSample:
         """A `ReferenceCellSample` of the cells of `batches()` (one pass)."""
-        references = None
+        references = ReferenceCellSample(self.covariate_names, max_cells, seed)
         for covariates, library_size, features in batches():
             self._check_covariate_keys(covariates, require_all=True)
-            if references is None:
-                references = ReferenceCellSample(self.covariate_names, max_cells, seed)
             references.add(covariates, library_size, features)
-        if references is None:
+        if references.features is None:
             raise InputDataError("The nearest-cell library-size model got no cells; pass the training cells' batches.")
         return references
 

@@ -193,8 +193,8 @@ def fit_library_size_model(pipeline: SCLDMPipeline, train: TrainingData, covaria
                            library_size_model: LibrarySizeModel, extend: bool) -> None:
     """Fit the conditioner's library-size model on the training latent rows (`library_size_model` "latent": the
     latent regression; "nearest": reference cells for the nearest-cell draw; "labels": the per-label log-normals
-    alone), or with `extend` (fine-tuning) add the new cells'
-    label groups to the pretrained model, whichever kind it is. Streams `train`."""
+    alone), or with `extend` (fine-tuning) add the new cells' label groups to the pretrained model, whichever kind it
+    is. Streams `train`."""
     conditioner = pipeline.conditioner
 
     def batches():
