@@ -7,6 +7,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+import yaml
 from huggingface_hub import ModelCard, constants
 
 from scldm_hf.data import anndata_to_corpus
@@ -165,6 +166,9 @@ def test_refit_library_size_model_reproduces_training_and_switches_models(pretra
     assert cells.shape == (3, 765) and cells.X.sum(axis=1).min() > 0
     nearest = refit_library_size_model(folder, "nearest")
     assert nearest.conditioner.library_size_model == "nearest"
+    recipe = yaml.safe_load((folder / "training_config.yaml").read_text())  # the provenance says so too
+    assert recipe["library_size_model"] == "nearest"
+    assert recipe["seed"] == yaml.safe_load((pretrained / "training_config.yaml").read_text())["seed"]
     card = (folder / "README.md").read_text()  # the card now says how this model draws library sizes
     assert "one of its 5 nearest training cells of its condition" in card and "log-normal" not in card
     assert nearest.conditioner.config.num_reference_cells == int(labels_only.conditioner.group_num_cells.sum())

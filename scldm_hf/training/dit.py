@@ -221,8 +221,9 @@ def fit_library_size_model(pipeline: SCLDMPipeline, train: TrainingData, covaria
 def refit_library_size_model(pipeline_dir: str | Path, library_size_model: LibrarySizeModel = "latent") -> SCLDMPipeline:
     """Refit the library-size model of a pipeline trained by `train_dit` in `pipeline_dir` (e.g. one trained before
     the latent model existed) on the training rows of its own latent cache, split as its training split them, and
-    save the pipeline in place (with the current model code); its model card's sentence on library sizes is
-    rewritten to the new model. The VAE and DiT weights are unchanged. Returns the reloaded pipeline."""
+    save the pipeline in place (with the current model code); its model card's sentence on library sizes and the
+    ``library_size_model`` of its ``training_config.yaml`` are rewritten to the new model. The VAE and DiT weights are
+    unchanged. Returns the reloaded pipeline."""
     check_choice("library_size_model", library_size_model, LibrarySizeModel)
     pipeline_dir = Path(pipeline_dir)
     cache_dir = pipeline_dir / LATENT_CACHE_DIR
@@ -240,6 +241,8 @@ def refit_library_size_model(pipeline_dir: str | Path, library_size_model: Libra
     pipeline.register_modules(conditioner=CellConditioner(covariate_labels=labels))
     fit_library_size_model(pipeline, train, covariates, library_size_model, extend=False)
     pipeline.save_pretrained(pipeline_dir)
+    recipe["library_size_model"] = library_size_model
+    (pipeline_dir / TRAINING_CONFIG_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
     card_path = pipeline_dir / "README.md"
     card = card_path.read_text() if card_path.is_file() else ""
     if old_description in card:
