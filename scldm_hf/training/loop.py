@@ -57,7 +57,7 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         cpu=config.cpu,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=build_trackers(config.report_to, logging_dir),
+        log_with=build_trackers(config.report_to, logging_dir) or None,  # accelerate warns about an empty list
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
