@@ -347,9 +347,11 @@ def test_two_cpu_processes_train_one_model_on_disjoint_halves(corpus, tmp_path):
     output_dir = tmp_path / "ddp"
     overrides = {"output_dir": str(output_dir), "data": str(corpus), "validation_fraction": 0, "max_train_steps": 10}
     result = _launch_two_cpu_processes(worker, overrides)
-    if "Timeout (0:" in result.stderr:  # a rank hung (once in CI, 2026-12): report where, then launch once more
-        warnings.warn(f"the two-process launch hung; the ranks' stacks:\n{result.stderr[-6000:]}", stacklevel=1)
-        shutil.rmtree(output_dir)
+    hang = result.stderr.find("Timeout (0:")
+    if hang >= 0:  # a rank hung (once in CI, once in 75 launches here): report where, then launch once more
+        warnings.warn(f"the two-process launch hung; the ranks' stacks:\n{result.stderr[hang:hang + 6000]}",
+                      stacklevel=1)
+        shutil.rmtree(output_dir, ignore_errors=True)
         result = _launch_two_cpu_processes(worker, overrides)
     assert result.returncode == 0, result.stderr[-6000:]
 
